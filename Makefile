@@ -1,0 +1,39 @@
+# poise — developer entry points. Every target creates/uses .venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test bench lint install test-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: create .venv, install poise, start the demo (balancer on 127.0.0.1:8080)
+run: install
+	$(BIN)/poise demo
+
+## make test: install test dependencies (Debian packages too) and run pytest
+test: install test-deps
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-deps:
+	@bash .ci/apt-deps
+
+## make bench: wrk against poise, HAProxy and nginx side by side (see bench/README.md)
+bench: install
+	@bash .ci/apt-deps bench
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check poise tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

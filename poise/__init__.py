@@ -1,0 +1,3 @@
+"""poise — a load balancer on uvloop + httptools."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The control plane: process supervision, signals, (later) reload and snapshots."""

@@ -1,0 +1,55 @@
+"""Backends: a frozen identity and value (:class:`Backend`) plus mutable live stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One upstream endpoint. Equality and hashing are by value, so a backend that
+    survives a config reload or discovery refresh is "the same" backend."""
+
+    host: str
+    port: int
+    weight: int = 1
+    zone: str = ""
+    meta: tuple[tuple[str, str], ...] = field(default=())
+    # Cached: backends are dict keys on the request path.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash",
+                           hash((self.host, self.port, self.weight, self.zone, self.meta)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.address} w={self.weight}>"
+
+
+class BackendStats:
+    """Live, per-worker counters for one backend; survive snapshot rebuilds.
+
+    Plain attributes, mutated by the data plane on the event loop thread only.
+    """
+
+    __slots__ = ("in_flight", "active_connections", "requests", "failures", "last_error_at")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.active_connections = 0
+        self.requests = 0
+        self.failures = 0
+        self.last_error_at = 0.0
+
+    def __repr__(self) -> str:
+        return (f"<BackendStats in_flight={self.in_flight} conns={self.active_connections} "
+                f"requests={self.requests} failures={self.failures}>")

@@ -1,0 +1,95 @@
+"""round_robin: smooth weighted interleaving (as nginx and Envoy do).
+
+Equal weights give plain rotation.  Unequal weights follow earliest-deadline-first
+scheduling: backend *i* is due every ``1/w_i``; the one due soonest is picked (ties to
+the earlier backend).  This spreads a heavy backend's turns evenly instead of in bursts,
+so no backend is picked more than ``ceil(w_max / w_min)`` times in a row.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+from functools import reduce
+from math import gcd
+from typing import Any
+
+from poise.core.backend import Backend
+from poise.core.cluster import ClusterSnapshot
+
+# Up to this many picks per cycle the whole schedule is precomputed, so a pick is an
+# index into a tuple; beyond it (huge weight sums) the heap is advanced live instead.
+_MAX_PRECOMPUTED = 4096
+
+
+class RoundRobin:
+    """Policy factory; takes no options yet."""
+
+    def build(self, snapshot: ClusterSnapshot) -> RotationPicker | DeadlinePicker:
+        backends = snapshot.backends
+        weights = [b.weight for b in backends]
+        if not backends:
+            return RotationPicker(())
+        if len(set(weights)) == 1:
+            return RotationPicker(backends)
+        period = sum(weights) // reduce(gcd, weights)
+        if period <= _MAX_PRECOMPUTED:
+            schedule = DeadlinePicker(backends)
+            return RotationPicker(tuple(schedule.pick() for _ in range(period)))
+        return DeadlinePicker(backends)
+
+
+class RotationPicker:
+    """Cycles through a fixed schedule of backends."""
+
+    __slots__ = ("_schedule", "_backends", "_next", "_size")
+
+    def __init__(self, schedule: tuple[Backend, ...]) -> None:
+        self._schedule = schedule
+        self._backends = tuple(dict.fromkeys(schedule))
+        self._size = len(schedule)
+        self._next = 0
+
+    def pick(self, ctx: Any = None) -> Backend:
+        i = self._next
+        self._next = i + 1 if i + 1 < self._size else 0
+        return self._schedule[i]
+
+    def candidates(self, ctx: Any = None) -> Iterator[Backend]:
+        if not self._size:
+            return
+        first = self.pick(ctx)
+        yield first
+        start = self._backends.index(first)
+        n = len(self._backends)
+        for k in range(1, n):
+            yield self._backends[(start + k) % n]
+
+    def __repr__(self) -> str:
+        return f"<RotationPicker schedule={self._size} backends={len(self._backends)}>"
+
+
+class DeadlinePicker:
+    """Earliest-deadline-first over a heap: O(log n) per pick, for large weight sums."""
+
+    __slots__ = ("_heap", "_backends")
+
+    def __init__(self, backends: tuple[Backend, ...]) -> None:
+        self._backends = backends
+        # (deadline, index, step): index breaks ties deterministically.
+        self._heap = [(1.0 / b.weight, i, 1.0 / b.weight) for i, b in enumerate(backends)]
+        heapq.heapify(self._heap)
+
+    def pick(self, ctx: Any = None) -> Backend:
+        deadline, i, step = self._heap[0]
+        heapq.heapreplace(self._heap, (deadline + step, i, step))
+        return self._backends[i]
+
+    def candidates(self, ctx: Any = None) -> Iterator[Backend]:
+        first = self.pick(ctx)
+        yield first
+        yield from itertools.filterfalse(first.__eq__, self._backends)
+
+    def __repr__(self) -> str:
+        return f"<DeadlinePicker backends={len(self._backends)}>"

@@ -1,0 +1,1 @@
+"""``poise demo``: built-in demo backends and a balancer in front of them."""

@@ -1,0 +1,335 @@
+"""One request/response exchange, in phase order: route → pick → connect/reuse →
+forward request → relay response → finish.
+
+The client connection creates an Exchange per parsed request head and feeds it body
+bytes; the upstream connection feeds it response events.  Bytes for either side are
+collected in a list and written once per read (``flush_upstream``/``flush_client``),
+so a small request or response goes out in one write.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from poise.errors import NoRoute, PoiseError, UpstreamProtocolError
+from poise.proxy.http.errors import error_response, status_of
+from poise.proxy.http.headers import (
+    CHUNKED,
+    CRLF,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    chunk,
+    connection_tokens,
+    end_to_end,
+    status_line,
+)
+from poise.proxy.http.request import RequestHead
+
+if TYPE_CHECKING:
+    from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+# Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
+# this the request is not replayable.
+REPLAY_LIMIT = 64 * 1024
+# Request body buffered while no upstream connection is attached, before the client
+# connection stops reading.
+BUFFER_LIMIT = 64 * 1024
+BUFFERING = 4   # ClientConnection read-blocking reason
+_CLOSE = b"connection: close\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Exchange:
+    """The life of one request. Created by ClientConnection; driven by both sides."""
+
+    __slots__ = (
+        "client", "method", "target", "http11", "keep_alive", "head", "head_only",
+        "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay", "_retried",
+        "response_started", "response_head_sent", "until_close", "_chunk_out", "_out",
+        "_body_seen", "finished", "_counted",
+    )
+
+    def __init__(self, client: ClientConnection, method: bytes, target: bytes, http11: bool,
+                 keep_alive: bool, head: RequestHead) -> None:
+        self.client = client
+        self.method = method
+        self.target = target
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.head = head
+        self.head_only = method == b"HEAD"
+        self.request_complete = False
+        self.pool: UpstreamPool | None = None
+        self.conn: UpstreamConnection | None = None
+        self._up_out: list[bytes] = []
+        self._up_size = 0
+        self._replay: list[bytes] | None = [] if method in IDEMPOTENT else None
+        self._retried = False
+        self.response_started = False     # an upstream byte arrived
+        self.response_head_sent = False   # the client has been sent a response head
+        self.until_close = False
+        self._chunk_out = False
+        self._out: list[bytes] = []
+        self._body_seen = 0
+        self.finished = False
+        self._counted = False
+
+    # -- phase 1: route and pick ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Route, pick a backend and attach an upstream connection (or start one)."""
+        try:
+            cluster = self._route()
+            self.pool = cluster.choose()
+        except PoiseError as e:
+            self.respond_error(e)
+            return
+        self.pool.stats.in_flight += 1
+        self._counted = True
+        self._up_out.insert(0, self._request_head())
+        conn = self.pool.take_idle()
+        if conn is not None:
+            conn.reused = True
+            self._attach(conn)
+        else:
+            self.client.loop.create_task(self._connect())
+
+    def _route(self):
+        router = self.client.site.router
+        if router.catch_all is not None:
+            return router.catch_all
+        target = self.target
+        path = target.split(b"?", 1)[0]
+        host = (self.head.host or b"").lower()
+        if host.startswith(b"["):
+            host = host[: host.find(b"]") + 1]
+        else:
+            host = host.split(b":", 1)[0]
+        cluster = router.match(self.method, path, host, self.client.headers_of(self))
+        if cluster is None:
+            raise NoRoute(f"no route for {host.decode(errors='replace')}{path.decode(errors='replace')}")
+        return cluster
+
+    # -- phase 2: connection -------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        pool = self.pool
+        try:
+            conn = await pool.connect()
+        except PoiseError as e:
+            if not self.finished:
+                self.respond_error(e)
+            return
+        if self.finished:
+            pool.release(conn)      # the client went away while we connected
+            return
+        conn.reused = False
+        self._attach(conn)
+        self.flush_upstream()
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self
+        conn.deadline.set(conn.pool.response_timeout)
+        if self._up_size > BUFFER_LIMIT:
+            self.client.unblock_reading(BUFFERING)
+
+    # -- phase 3: forward the request ----------------------------------------------------
+
+    def _request_head(self) -> bytes:
+        head = self.head
+        client = self.client
+        site = client.site
+        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n", *head.lines]
+        if head.host is None:
+            parts.append(b"host: " + self.pool.backend.address.encode() + CRLF)
+        if site.forwarded_headers:
+            xff = client.peer_ip if head.xff is None else head.xff + b", " + client.peer_ip
+            parts += (b"x-forwarded-for: ", xff, CRLF, site.xfp)
+            if head.host is not None:
+                parts += (b"x-forwarded-host: ", head.host, CRLF)
+        if head.chunked:
+            parts.append(CHUNKED)
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    def request_body(self, data: bytes) -> None:
+        """Body bytes from the client (de-chunked); re-framed for the backend."""
+        self._body_seen += len(data)
+        if self.head.chunked:
+            if self._body_seen > self.client.site.max_request_body:
+                self.client.reject_body(self, "chunked body exceeds max_request_body")
+                return
+            data = chunk(data)
+        self._up_out.append(data)
+        self._up_size += len(data)
+        if self.conn is None and self._up_size > BUFFER_LIMIT:
+            self.client.block_reading(BUFFERING)
+
+    def request_done(self) -> None:
+        self.request_complete = True
+        if self.head.chunked:
+            self._up_out.append(LAST_CHUNK)
+
+    def flush_upstream(self) -> None:
+        """Write what the client sent since the last flush, if a connection is attached."""
+        conn = self.conn
+        out = self._up_out
+        if conn is None or not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._up_size = 0
+        replay = self._replay
+        if replay is not None:
+            replay.append(data)
+            if sum(map(len, replay)) > REPLAY_LIMIT:
+                self._replay = None
+        conn.transport.write(data)
+
+    # -- phase 4: relay the response -----------------------------------------------------
+
+    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status == 101:           # we never forward Upgrade: a 101 is a protocol error
+            conn = self.conn
+            conn.close()
+            self.upstream_failed(conn, UpstreamProtocolError("unexpected 101 from backend"))
+        elif status == 100:
+            if self.head.expect_continue and not self.response_head_sent:
+                self._out.append(_CONTINUE)
+        elif self.http11:
+            self._out.append(status_line(status) + b"".join(end_to_end(headers, frozenset())) + CRLF)
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]],
+                         upstream_keep_alive: bool) -> None:
+        lines, length, chunked, tokens = _response_lines(headers)
+        no_body = self.head_only or status == 204 or status == 304
+        close = not self.keep_alive or not self.request_complete
+        if not no_body and length is None:
+            self.until_close = not chunked
+            if self.http11:
+                self._chunk_out = True
+                lines.append(CHUNKED)
+            else:
+                close = True        # HTTP/1.0 client: the end of the body is the close
+        if close:
+            self.keep_alive = False
+            lines.append(_CLOSE)
+        elif not self.http11:
+            lines.append(_KEEP_ALIVE)
+        if tokens:
+            lines = [ln for ln in lines if ln[: ln.index(b":")].lower() not in tokens]
+        self._out.append(status_line(status) + b"".join(lines) + CRLF)
+        self.response_head_sent = True
+
+    def on_response_body(self, body: bytes) -> None:
+        self._out.append(chunk(body) if self._chunk_out else body)
+
+    def flush_client(self) -> None:
+        out = self._out
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    # -- phase 5: finish ------------------------------------------------------------------
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        """The backend's response is complete; recycle the connection, finish."""
+        if self._chunk_out:
+            self._out.append(LAST_CHUNK)
+        self.flush_client()
+        self.conn = None
+        if self.request_complete and conn.usable:
+            self.pool.release(conn)
+        else:
+            conn.close()
+        self._finish()
+
+    def respond_error(self, error: BaseException) -> None:
+        """Answer with the status for ``error`` (before any response byte was sent)."""
+        close = not self.keep_alive or not self.request_complete
+        self.keep_alive = not close
+        self._out.append(error_response(status_of(error), close, self.head_only))
+        self.response_head_sent = True
+        self.flush_client()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._detach_stats()
+        self.client.exchange_done(self)
+
+    def _detach_stats(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.pool.stats.in_flight -= 1
+
+    # -- failures ------------------------------------------------------------------------
+
+    def upstream_lost(self, conn: UpstreamConnection, error: PoiseError) -> None:
+        """The connection closed under us. A reused connection that died before any
+        response byte is retried once on a fresh one, when the request is replayable."""
+        if (conn.reused and not self.response_started and not self._retried
+                and self._replay is not None and not self.finished):
+            self._retried = True
+            self.conn = None
+            self._up_out[:0] = self._replay
+            self._replay = []
+            self.client.loop.create_task(self._connect())
+            return
+        self.upstream_failed(conn, error)
+
+    def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+        self.conn = None
+        if self.finished:
+            return
+        if self.response_head_sent:
+            self.finished = True    # truncated response: the client must see a close
+            self._detach_stats()
+            self.client.abort()
+            return
+        self._out.clear()
+        self.respond_error(error)
+
+    def abandon(self) -> None:
+        """The client went away: drop the upstream side without reusing it."""
+        if self.finished:
+            return
+        self.finished = True
+        self._detach_stats()
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.abort()
+
+    def __repr__(self) -> str:
+        return (f"<Exchange {self.method.decode()} {self.target[:60].decode(errors='replace')}"
+                f" upstream={self.conn!r} done={self.finished}>")
+
+
+def _response_lines(headers: list[tuple[bytes, bytes]]):
+    """(end-to-end lines, Content-Length or None, chunked?, Connection-listed names)."""
+    length = None
+    chunked = False
+    listed: list[bytes] = []
+    lines = []
+    for name, value in headers:
+        low = name.lower()
+        if low not in HOP_BY_HOP:
+            if low == b"content-length":
+                length = value
+            lines.append(name + b": " + value + CRLF)
+        elif low == b"transfer-encoding":
+            chunked = value.rstrip().lower().endswith(b"chunked")
+        elif low == b"connection":
+            listed.append(value)
+    tokens = connection_tokens(listed) - {b"close", b"keep-alive"} if listed else None
+    return lines, length, chunked, tokens

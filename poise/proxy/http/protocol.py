@@ -1,0 +1,362 @@
+"""The client side of the HTTP proxy: bytes ↔ httptools, keep-alive, pipelining,
+flow control, header deadlines and limits.
+
+Requests are answered strictly in order.  A pipelined request parsed while another is
+being served waits in a queue (its body buffered) and the connection stops reading
+until the queue drains, so memory stays bounded.  Any request this connection cannot
+frame unambiguously is answered with its 4xx/5xx status and the connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from poise.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    PoiseError,
+    RequestTimeout,
+    UriTooLong,
+    VersionNotSupported,
+)
+from poise.proxy.deadline import Deadline
+from poise.proxy.http.errors import error_response, status_of
+from poise.proxy.http.exchange import Exchange
+from poise.proxy.http.request import inspect_head
+
+if TYPE_CHECKING:
+    from poise.proxy.http.site import Site
+
+# Reasons to stop reading from the client (bit flags).
+PIPELINED = 2       # a complete request waits behind the one being served
+CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream flags
+
+
+class ClientConnection(asyncio.Protocol):
+    """One downstream connection. Created per accepted socket by the listener."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.loop = site.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = b""
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = Deadline(site.loop, self._timed_out)
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.draining = False
+        self._parsing: Exchange | None = None   # the request whose body is being read
+        self._blocked = 0
+        self._closed = False
+        self._failed: PoiseError | None = None  # a parse error waiting its turn to answer
+        self._write_paused = False
+        # request head being parsed
+        self._in_head = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._head_buf: bytearray | None = None
+        self._chunk = b""
+        self._line_pos = 0
+        self._idle = False
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.site.connections.add(self)
+        self.deadline.set(self.site.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.deadline.cancel()
+        self.site.connections.discard(self)
+        if self.current is not None:
+            self.current.abandon()
+            self.current = None
+        for ex in self.queue:
+            ex.abandon()
+        self.queue.clear()
+
+    def eof_received(self) -> bool:
+        # A half-closed client still gets the responses to what it sent.
+        if self.current is None and not self.queue:
+            return False
+        self.draining = True
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed or self._failed is not None:
+            return
+        if self._head_buf is not None:
+            self._head_buf += data
+        else:
+            self._chunk = data
+            self._line_pos = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._after_upgrade(data, e.args[0])
+        except httptools.HttpParserError as e:
+            self._parse_failed(_translate(e))
+        else:
+            if self._in_head:
+                self._head_continues(data)
+            else:
+                self._head_buf = None
+        cur = self.current
+        if cur is not None and cur._up_out:
+            cur.flush_upstream()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        cur = self.current
+        if cur is not None and cur.conn is not None:
+            cur.conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        cur = self.current
+        if cur is not None and cur.conn is not None:
+            cur.conn.transport.resume_reading()
+
+    # -- parser callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self._idle:              # the idle deadline ends; a head deadline may start
+            self._idle = False
+            self.deadline.clear()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.site.max_request_line:
+            raise UriTooLong(f"request target longer than {self.site.max_request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.site.max_header_size:
+            raise HeadersTooLarge(f"header block larger than {self.site.max_header_size} bytes")
+        if len(self._headers) > self.site.max_headers:
+            raise HeadersTooLarge(f"more than {self.site.max_headers} headers")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self.deadline.when is not None and not self._idle:
+            self.deadline.clear()
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise VersionNotSupported(f"HTTP/{version}")
+        method = parser.get_method()
+        self._check_request_line(method, version)
+        http11 = version == "1.1"
+        head = inspect_head(self._headers, http11, self.site.max_request_body)
+        target = self._url
+        if parser.should_upgrade():
+            if method == b"CONNECT":
+                raise BadRequest("CONNECT is not supported")
+            if head.content_length > 0 or head.chunked:
+                raise BadRequest("an Upgrade request with a body is ambiguous")
+        if target[:1] != b"/":
+            target = _origin_form(target, head, method)
+        ex = Exchange(self, method, target, http11, parser.should_keep_alive(), head)
+        self._parsing = ex
+        if self.current is None:
+            self.current = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.block_reading(PIPELINED)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self._parsing
+        if ex is not None:
+            ex.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self._parsing
+        if ex is not None:
+            self._parsing = None
+            ex.request_done()
+
+    # -- head checks ---------------------------------------------------------------------
+
+    def _check_request_line(self, method: bytes, version: str) -> None:
+        """llhttp tolerates repeated spaces in the request line; we do not.  The exact
+        canonical line must appear at a line start in what we received."""
+        line = b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())
+        buf = self._head_buf if self._head_buf is not None else self._chunk
+        i = buf.find(line, self._line_pos)
+        if i < 0 or (i > 0 and buf[i - 1] != 0x0A):
+            raise BadRequest("malformed request line")
+        self._line_pos = i + len(line)
+
+    def _head_continues(self, data: bytes) -> None:
+        """The head spans reads: keep its bytes, bound its size, start its deadline."""
+        site = self.site
+        if self._head_buf is None:
+            self._head_buf = bytearray(data)
+        if len(self._head_buf) > site.max_request_line + site.max_header_size:
+            self._parse_failed(HeadersTooLarge("request head too large"))
+            return
+        if self.deadline.when is None:
+            self.deadline.set(site.header_timeout)
+
+    def _after_upgrade(self, data: bytes, offset: int) -> None:
+        """An Upgrade request was parsed; we never upgrade, so parse on as HTTP/1.1."""
+        self.parser = httptools.HttpRequestParser(self)
+        self._head_buf = None
+        rest = data[offset:]
+        if rest:
+            self.data_received(rest)
+
+    # -- flow control --------------------------------------------------------------------
+
+    def block_reading(self, reason: int) -> None:
+        if not self._blocked and self.transport is not None:
+            self.transport.pause_reading()
+        self._blocked |= reason
+
+    def unblock_reading(self, reason: int) -> None:
+        if self._blocked & reason:
+            self._blocked &= ~reason
+            if not self._blocked and not self._closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    # -- exchange lifecycle --------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """``ex`` finished its response: start the next queued request or go idle."""
+        if ex is not self.current:
+            return
+        self.current = None
+        if self._parsing is ex:
+            self._parsing = None
+        if not ex.keep_alive or self._closed:
+            self._close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.unblock_reading(PIPELINED)
+            self.current = nxt
+            nxt.start()
+            nxt.flush_upstream()
+        elif self._failed is not None:
+            self._answer_and_close(self._failed)
+        elif self.draining:
+            self._close()
+        else:
+            self._idle = True
+            self.deadline.set(self.site.idle_timeout)
+
+    def headers_of(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
+        """Raw request headers, for header-matching routes."""
+        return [(ln[: ln.index(b":")], ln[ln.index(b":") + 2: -2]) for ln in ex.head.lines]
+
+    def reject_body(self, ex: Exchange, reason: str) -> None:
+        from poise.errors import PayloadTooLarge
+        self._parse_failed(PayloadTooLarge(reason))
+
+    # -- errors, deadlines and closing ---------------------------------------------------
+
+    def _parse_failed(self, error: PoiseError) -> None:
+        """The request stream is broken at ``error``: answer in turn, then close."""
+        broken = self._parsing
+        self._parsing = None
+        self._in_head = False
+        self._failed = error
+        self.block_reading(PIPELINED)
+        if broken is not None and broken is not self.current:
+            self.queue.remove(broken)
+            broken.abandon()
+        cur = self.current
+        if cur is None:
+            self._answer_and_close(error)
+        elif cur is broken:
+            cur.keep_alive = False
+            if cur.response_head_sent:
+                cur.abandon()
+                self.abort()
+            else:
+                cur.abandon()
+                self.current = None
+                self._answer_and_close(error)
+
+    def _answer_and_close(self, error: PoiseError) -> None:
+        self.write(error_response(status_of(error), close=True))
+        self._close()
+
+    def _timed_out(self) -> None:
+        if self._idle or self._closed:
+            self._close()
+        elif self.current is None and not self.queue:
+            self._answer_and_close(RequestTimeout())
+
+    def drain(self) -> None:
+        """Graceful shutdown: finish what is in flight, then close."""
+        self.draining = True
+        if self.current is None and not self.queue:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.deadline.cancel()
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close without flushing: the client must see a truncated response."""
+        if not self._closed:
+            self._closed = True
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        return (f"<ClientConnection {self.peer_ip.decode()} current={self.current!r} "
+                f"queued={len(self.queue)}>")
+
+
+def _translate(e: httptools.HttpParserError) -> PoiseError:
+    """An httptools error as a poise error; our own errors raised in callbacks win."""
+    ctx = e.__context__
+    if isinstance(ctx, PoiseError):
+        return ctx
+    message = str(e)
+    if "HTTP version" in message:
+        return VersionNotSupported(message)
+    return BadRequest(message)
+
+
+def _origin_form(target: bytes, head, method: bytes) -> bytes:
+    """Absolute-form (``http://host/path``) → origin-form; its authority becomes Host."""
+    if target == b"*" and method == b"OPTIONS":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest("unsupported request target")
+    authority, slash, path = rest.partition(b"/")
+    if not authority:
+        raise BadRequest("absolute URI without host")
+    head.host = authority
+    head.lines = [ln for ln in head.lines if ln[:5].lower() != b"host:"]
+    head.lines.append(b"host: " + authority + b"\r\n")
+    return slash + path if slash else b"/"

@@ -1,0 +1,75 @@
+"""Routes compiled into predicates at config time; first match wins, no match → 404.
+
+``Router.catch_all`` is set when the first route has no conditions, so the request
+path skips matching entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from poise.config.model import Match, Route
+
+# (method, path, host, headers) → bool
+Predicate = Callable[[bytes, bytes, bytes, list], bool]
+
+
+class Router:
+    """Maps a request to the first route whose conditions all hold."""
+
+    __slots__ = ("_table", "catch_all")
+
+    def __init__(self, routes: Sequence[Route], targets: dict[str, Any]) -> None:
+        self._table = [(_compile(r.match), targets[r.cluster]) for r in routes]
+        first = routes[0].match
+        self.catch_all = targets[routes[0].cluster] if first is None or _empty(first) else None
+
+    def match(self, method: bytes, path: bytes, host: bytes, headers: list) -> Any:
+        """The target of the first matching route, or None. ``host`` is lower-case
+        without port; ``path`` excludes the query string."""
+        for predicate, target in self._table:
+            if predicate is None or predicate(method, path, host, headers):
+                return target
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Router routes={len(self._table)} catch_all={self.catch_all is not None}>"
+
+
+def _empty(m: Match) -> bool:
+    return not (m.host or m.path_prefix or m.path or m.methods or m.headers)
+
+
+def _compile(m: Match | None) -> Predicate | None:
+    if m is None or _empty(m):
+        return None
+    checks: list[Predicate] = []
+    if m.host:
+        if m.host.startswith("*."):
+            suffix = m.host[1:].encode()  # ".example.com"
+            checks.append(lambda me, p, h, hd: h.endswith(suffix) and len(h) > len(suffix))
+        else:
+            exact = m.host.encode()
+            checks.append(lambda me, p, h, hd: h == exact)
+    if m.path is not None:
+        path = m.path.encode()
+        checks.append(lambda me, p, h, hd: p == path)
+    if m.path_prefix is not None:
+        prefix = m.path_prefix.encode()
+        checks.append(lambda me, p, h, hd: p.startswith(prefix))
+    if m.methods:
+        methods = frozenset(x.encode() for x in m.methods)
+        checks.append(lambda me, p, h, hd: me in methods)
+    if m.headers:
+        wanted = [(k.lower().encode(), v.encode()) for k, v in m.headers.items()]
+        checks.append(lambda me, p, h, hd: all(_has_header(hd, k, v) for k, v in wanted))
+
+    def predicate(method: bytes, path: bytes, host: bytes, headers: list) -> bool:
+        return all(check(method, path, host, headers) for check in checks)
+
+    return predicate
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> bool:
+    return any(n.lower() == name and v == value for n, v in headers)

@@ -1,0 +1,73 @@
+"""Runtime objects compiled from config for the HTTP data path: a :class:`Site` per
+listener and a :class:`ClusterRuntime` per cluster. Built once; the request path only
+reads attributes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from poise.config.load import policy_spec
+from poise.config.model import Cluster, Listener
+from poise.config.units import parse_address
+from poise.core.backend import Backend
+from poise.core.cluster import ClusterSnapshot
+from poise.core.policies import create_policy
+from poise.errors import NoBackendAvailable
+from poise.proxy.http.router import Router
+from poise.proxy.http.upstream import UpstreamPool
+
+
+class ClusterRuntime:
+    """A cluster's snapshot, picker and per-backend connection pools (one worker)."""
+
+    __slots__ = ("name", "snapshot", "picker", "pools")
+
+    def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = spec.name
+        backends = [Backend(*parse_address(b.address), weight=b.weight) for b in spec.backends]
+        self.snapshot = ClusterSnapshot.build(spec.name, backends)
+        name, options = policy_spec(spec.policy)
+        self.picker = create_policy(name, options).build(self.snapshot)
+        self.pools = {
+            b: UpstreamPool(b, self.snapshot.stats[b], max_idle=spec.keepalive_max_idle,
+                            idle_timeout=spec.keepalive_idle_timeout,
+                            connect_timeout=spec.connect_timeout,
+                            response_timeout=spec.response_header_timeout, loop=loop)
+            for b in self.snapshot.backends
+        }
+
+    def choose(self) -> UpstreamPool:
+        """The pool of the backend the policy prefers among those ready."""
+        snapshot = self.snapshot
+        backend = self.picker.pick()
+        if snapshot.all_ready:
+            return self.pools[backend]
+        for backend in self.picker.candidates():
+            if snapshot.ready(backend):
+                return self.pools[backend]
+        raise NoBackendAvailable(f"cluster {self.name}: no backend available")
+
+    def __repr__(self) -> str:
+        return f"<ClusterRuntime {self.name} {self.snapshot!r}>"
+
+
+class Site:
+    """Everything a client connection on one listener needs, precomputed."""
+
+    def __init__(self, spec: Listener, clusters: dict[str, ClusterRuntime],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.name = spec.name
+        self.loop = loop
+        self.router = Router(spec.routes, clusters)
+        self.header_timeout = spec.client_header_timeout
+        self.idle_timeout = spec.client_idle_timeout
+        self.max_request_line = spec.max_request_line
+        self.max_header_size = spec.max_header_size
+        self.max_headers = spec.max_headers
+        self.max_request_body = spec.max_request_body
+        self.forwarded_headers = spec.forwarded_headers
+        self.xfp = b"x-forwarded-proto: http\r\n"
+        self.connections: set = set()
+
+    def __repr__(self) -> str:
+        return f"<Site {self.name} connections={len(self.connections)}>"

@@ -1,0 +1,259 @@
+"""Per-backend keep-alive connection pools and the upstream HTTP/1.1 connection.
+
+An :class:`UpstreamConnection` serves one exchange at a time.  Its parser callbacks
+only record what happened; :meth:`UpstreamConnection.data_received` acts on it after
+the parser returns, so a connection is never handed to the next request while its
+parser is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from poise.core.backend import Backend, BackendStats
+from poise.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from poise.proxy.deadline import Deadline
+
+if TYPE_CHECKING:
+    from poise.proxy.http.exchange import Exchange
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one backend (LIFO, so the warmest is reused).
+
+    ``max_idle`` caps idle connections kept; ``idle_timeout`` closes those unused for
+    longer (swept by :meth:`expire`).
+    """
+
+    __slots__ = ("backend", "stats", "idle", "max_idle", "idle_timeout", "connect_timeout",
+                 "response_timeout", "loop", "active")
+
+    def __init__(self, backend: Backend, stats: BackendStats, *, max_idle: int,
+                 idle_timeout: float, connect_timeout: float, response_timeout: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.idle: deque[UpstreamConnection] = deque()
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.loop = loop
+        self.active = 0
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection still open at both ends, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises UpstreamConnectError / UpstreamConnectTimeout."""
+        b = self.backend
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self), b.host, b.port)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(f"connect to {b.address} timed out") from None
+        except OSError as e:
+            reason = errno.errorcode.get(e.errno or 0, str(e))
+            raise UpstreamConnectError(f"connect to {b.address} failed: {reason}") from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Take back a connection whose exchange completed cleanly."""
+        if not conn.usable or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    def expire(self, now: float) -> None:
+        """Close idle connections unused for longer than ``idle_timeout``."""
+        idle = self.idle
+        cutoff = now - self.idle_timeout
+        while idle and idle[0].idle_since < cutoff:
+            idle.popleft().close()
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {self.backend.address} active={self.active} idle={len(self.idle)}>"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a backend, parsing responses with httptools."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.usable = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.deadline = Deadline(pool.loop, self._timed_out)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._done = False          # the response (or a HEAD's head) is complete
+        self._head_only = False     # ended at the head: reset the parser afterwards
+        self._keep_alive = False
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.usable = True
+        self.pool.active += 1
+        self.pool.stats.active_connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.usable = False
+        self.pool.active -= 1
+        self.pool.stats.active_connections -= 1
+        self.deadline.clear()
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_lost(self, UpstreamReset(f"{self.pool.backend.address} closed the connection"))
+
+    def eof_received(self) -> bool:
+        self.usable = False
+        ex = self.exchange
+        if ex is not None and ex.until_close and not self._done:
+            # A response delimited by connection close ends here.
+            self._done = True
+            self._keep_alive = False
+            ex.flush_client()
+            self._response_done(ex)
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:              # bytes nobody asked for: the connection is unsafe
+            self.close()
+            return
+        ex.response_started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.usable = False
+            if not self._done:
+                self.close()
+                ex.upstream_failed(self, UpstreamProtocolError(f"malformed response: {e}"))
+                return
+        ex.flush_client()
+        if self._done:
+            self._response_done(ex)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.block_reading(UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.unblock_reading(UPSTREAM_FULL)
+
+    # -- parser callbacks: record, don't act ------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        status = self.parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if 100 <= status < 200:
+            ex.on_informational(status, headers)
+            return
+        self.deadline.clear()
+        ex.on_response_head(status, headers, self.parser.should_keep_alive())
+        if ex.head_only:
+            self._head_only = self._done = True
+            self._keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is None or self._done:
+            self.usable = False     # body bytes after a HEAD response: out of sync
+            return
+        ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._done or self.parser.get_status_code() < 200:
+            return                  # end of an informational response or of a HEAD's head
+        self._done = True
+        self._keep_alive = self.parser.should_keep_alive()
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def send(self, ex: Exchange, data: bytes) -> None:
+        """Start ``ex`` on this connection with its first bytes."""
+        self.exchange = ex
+        self._done = False
+        self.transport.write(data)  # type: ignore[union-attr]
+        self.deadline.set(self.pool.response_timeout)
+
+    def _response_done(self, ex: Exchange) -> None:
+        if self._head_only:
+            self.parser = httptools.HttpResponseParser(self)
+            self._head_only = False
+        self.exchange = None
+        self._done = False
+        if not self._keep_alive:
+            self.usable = False
+        ex.on_response_complete(self)
+
+    def _timed_out(self) -> None:
+        ex = self.exchange
+        self.close()
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_failed(self, UpstreamTimeout(
+                f"no response head from {self.pool.backend.address} "
+                f"within {self.pool.response_timeout:g}s"))
+
+    def close(self) -> None:
+        self.usable = False
+        self.deadline.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.usable = False
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        state = "busy" if self.exchange else ("idle" if self.usable else "closed")
+        return f"<UpstreamConnection {self.pool.backend.address} {state}>"
+
+
+# Reasons a client connection stops reading (bit flags, see ClientConnection).
+UPSTREAM_FULL = 1
