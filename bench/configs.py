@@ -1,0 +1,82 @@
+"""Render the config files for the backend and each proxy, and build their command lines.
+
+Templates live in bench/templates/ and use string.Template placeholders ($name).
+Each builder writes its config under its own directory in the run's tempdir and
+returns the argv that starts the process in the foreground.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from string import Template
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+NGINX = "/usr/sbin/nginx"
+SMALL_BODY = "poise-bench: a small fixed response body of exactly 64 bytes...\n"
+BIG_SIZE = 10 * 1024 * 1024  # bytes served at /big
+assert len(SMALL_BODY) == 64
+
+
+def render(template: str, out: Path, **values: object) -> Path:
+    """Fill bench/templates/<template> with values and write it to out."""
+    text = Template((TEMPLATES / template).read_text()).substitute(values)
+    out.write_text(text)
+    return out
+
+
+def _nginx_prefix(root: Path, name: str) -> Path:
+    """Create an nginx prefix dir with a tmp/ dir readable by the (unprivileged) worker."""
+    prefix = root / name
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+def _nginx_argv(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with its own prefix and error log (never /var/log/nginx)."""
+    return [NGINX, "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")]
+
+
+def make_big_file(root: Path) -> Path:
+    """Write the BIG_SIZE file served at /big (non-zero bytes, world-readable)."""
+    path = root / "big.bin"
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(BIG_SIZE // len(chunk)):
+            f.write(chunk)
+    os.chmod(path, 0o644)
+    return path
+
+
+def backend_nginx(root: Path, ports: list[int]) -> list[str]:
+    """Backend nginx: one worker, `/` = 64-byte body, `/big` = 10 MiB file, on both ports."""
+    prefix = _nginx_prefix(root, "backend")
+    big = make_big_file(root)
+    conf = render("backend-nginx.conf", prefix / "nginx.conf", prefix=prefix,
+                  port1=ports[0], port2=ports[1], small_body=SMALL_BODY.replace("\n", "\\n"),
+                  big_file=big)
+    return _nginx_argv(prefix, conf)
+
+
+def haproxy(root: Path, port: int, backends: list[int]) -> list[str]:
+    """HAProxy: one thread, http-reuse always, roundrobin over the backends."""
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
+    conf = render("haproxy.cfg", root / "haproxy.cfg", port=port, servers=servers)
+    return ["haproxy", "-f", str(conf), "-db"]
+
+
+def nginx_proxy(root: Path, port: int, backends: list[int]) -> list[str]:
+    """nginx reverse proxy: one worker, upstream keepalive 64, HTTP/1.1 to backends."""
+    prefix = _nginx_prefix(root, "nginx-proxy")
+    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
+    conf = render("proxy-nginx.conf", prefix / "nginx.conf", prefix=prefix, port=port,
+                  servers=servers)
+    return _nginx_argv(prefix, conf)
+
+
+def poise(root: Path, port: int, backends: list[int], cmd: str) -> list[str]:
+    """poise: `<cmd> CONFIG` with a one-worker, round-robin YAML config."""
+    servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backends)
+    conf = render("poise.yaml", root / "poise.yaml", port=port, servers=servers)
+    return shlex.split(cmd) + [str(conf)]

@@ -1,0 +1,199 @@
+"""Aggregate raw benchmark samples, render markdown tables, and save results.
+
+A *sample* is one wrk run against one proxy in one round (a dict made by
+run.py). The summary takes the median of each metric over a proxy's successful
+rounds; errors are summed over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+from configs import BIG_SIZE, NGINX
+
+CPU_BAR = 1.3  # poise CPU/request may be at most this multiple of HAProxy's
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- machine info
+
+
+def _tool_version(argv: list[str]) -> str:
+    """First line a tool prints for its version flag (stdout or stderr)."""
+    if not shutil.which(argv[0]):
+        return "not installed"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        return f"error: {exc}"
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """Facts needed to compare runs across machines."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "haproxy": _tool_version(["haproxy", "-v"]).split(" - http")[0],
+        "nginx": _tool_version([NGINX, "-v"]),
+        "wrk": _tool_version(["wrk", "--version"]).split("Copyright")[0].strip(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def _med(samples: list[dict], key) -> float | None:
+    values = [v for v in (key(s) for s in samples) if v is not None]
+    return median(values) if values else None
+
+
+def _ratio(value: float | None, ref: float | None) -> float | None:
+    return value / ref if value is not None and ref else None
+
+
+def summarize_small(samples: list[dict], proxies: list[str]) -> dict:
+    """Per-proxy medians for the small-response phase."""
+    out = {}
+    for name in proxies:
+        ok = [s for s in samples if s["proxy"] == name and s["phase"] == "small" and s["ok"]]
+        if not ok:
+            continue
+        out[name] = {
+            "rounds": len(ok),
+            "rps": _med(ok, lambda s: s["rps"]),
+            "p50_s": _med(ok, lambda s: s["latency_s"].get("p50")),
+            "p99_s": _med(ok, lambda s: s["latency_s"].get("p99")),
+            "cpu_us_per_req": _med(ok, lambda s: s["cpu_us_per_req"]),
+            "backend_cpu_us_per_req": _med(ok, lambda s: s["backend_cpu_us_per_req"]),
+            "errors": sum(s["error_total"] for s in ok),
+        }
+    ref = out.get("haproxy", {}).get("cpu_us_per_req")
+    for row in out.values():
+        row["cpu_ratio_vs_haproxy"] = _ratio(row["cpu_us_per_req"], ref)
+    return out
+
+
+def summarize_stream(samples: list[dict], proxies: list[str]) -> dict:
+    """Per-proxy medians for the 10 MiB streaming phase."""
+    out = {}
+    for name in proxies:
+        ok = [s for s in samples if s["proxy"] == name and s["phase"] == "stream" and s["ok"]]
+        if not ok:
+            continue
+        per_resp = lambda key: (lambda s: s[key] / s["requests"] * 1e3 if s["requests"] else None)
+        out[name] = {
+            "rounds": len(ok),
+            "mib_per_s": _med(ok, lambda s: s["bytes_per_s"] / MIB),
+            "responses": sum(s["requests"] for s in ok),
+            "cpu_ms_per_response": _med(ok, per_resp("cpu_s")),
+            "backend_cpu_ms_per_response": _med(ok, per_resp("backend_cpu_s")),
+            "errors": sum(s["error_total"] for s in ok),
+        }
+    ref = out.get("haproxy", {}).get("cpu_ms_per_response")
+    for row in out.values():
+        row["cpu_ratio_vs_haproxy"] = _ratio(row["cpu_ms_per_response"], ref)
+    return out
+
+
+def cpu_verdict(small: dict) -> dict | None:
+    """poise CPU/request divided by HAProxy's, against CPU_BAR; None if either is missing."""
+    ratio = small.get("poise", {}).get("cpu_ratio_vs_haproxy")
+    if ratio is None:
+        return None
+    return {"ratio": ratio, "bar": CPU_BAR, "pass": ratio <= CPU_BAR}
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _f(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, fmt) + suffix
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def verdict_line(verdict: dict | None) -> str:
+    """The explicit poise-vs-HAProxy CPU/request line, with the ≤ 1.3× bar."""
+    if verdict is None:
+        return "poise CPU/req ÷ HAProxy CPU/req: n/a (needs both poise and haproxy measured)"
+    status = "PASS" if verdict["pass"] else "FAIL"
+    return (f"poise CPU/req ÷ HAProxy CPU/req = {verdict['ratio']:.2f}× "
+            f"(bar ≤ {verdict['bar']}×: {status})")
+
+
+def render_markdown(result: dict) -> str:
+    """The human-readable report: settings, both tables, the CPU verdict, failures."""
+    m, s, summary = result["machine"], result["settings"], result["summary"]
+    lines = [f"# poise benchmark {result['timestamp']}", "",
+             f"- machine: {m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
+             f"Python {m['python']}",
+             f"- tools: {m['haproxy']}; {m['nginx']}; {m['wrk']}",
+             f"- small: {s['rounds']} alternating round(s) × {s['duration']} s, "
+             f"`wrk -t1 -c{s['connections']} --latency` GET / (64-byte body), "
+             f"warm-up {s['warmup']} s per proxy", ""]
+    lines += ["## Small responses (GET /, 64-byte body)", ""]
+    rows = [[name, _f(r["rps"], ",.0f"), _f(r["p50_s"] and r["p50_s"] * 1e3, ".2f", " ms"),
+             _f(r["p99_s"] and r["p99_s"] * 1e3, ".2f", " ms"), _f(r["cpu_us_per_req"], ".1f"),
+             _f(r["cpu_ratio_vs_haproxy"], ".2f", "×"), _f(r["backend_cpu_us_per_req"], ".1f"),
+             str(r["errors"])] for name, r in summary["small"].items()]
+    lines += _table(["proxy", "req/s", "p50", "p99", "CPU µs/req", "ratio to HAProxy CPU/req",
+                     "backend CPU µs/req", "errors"], rows or [["(none measured)"] + [""] * 7])
+    lines += ["", f"**{verdict_line(summary['cpu_verdict'])}**", ""]
+    if s["stream"]:
+        lines += [f"## Streaming (GET /big, {BIG_SIZE // MIB} MiB body, "
+                  f"`wrk -t1 -c{s['stream_connections']}` × {s['duration']} s)", ""]
+        rows = [[name, _f(r["mib_per_s"], ",.0f"), str(r["responses"]),
+                 _f(r["cpu_ms_per_response"], ".2f"), _f(r["cpu_ratio_vs_haproxy"], ".2f", "×"),
+                 _f(r["backend_cpu_ms_per_response"], ".2f"), str(r["errors"])]
+                for name, r in summary["stream"].items()]
+        lines += _table(["proxy", "MiB/s", "responses", "CPU ms / 10 MiB response",
+                         "ratio to HAProxy", "backend CPU ms/response", "errors"],
+                        rows or [["(none measured)"] + [""] * 6])
+        lines.append("")
+    if result["failures"]:
+        lines += ["## Failures", ""]
+        for name, msg in result["failures"].items():
+            lines += [f"- **{name}**:", "", "```", msg.strip(), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save(result: dict, markdown: str, results_dir: Path) -> tuple[Path, Path]:
+    """Write <ts>.json and <ts>.md under results_dir and copy the md to latest.md."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = result["timestamp"]
+    json_path = results_dir / f"{stem}.json"
+    md_path = results_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md_path.write_text(markdown)
+    shutil.copyfile(md_path, results_dir / "latest.md")
+    return json_path, md_path
