@@ -29,7 +29,9 @@ class Deadline:
 
     def set(self, timeout: float) -> None:
         """Expire ``timeout`` seconds from now (replacing any earlier deadline)."""
-        self.set_at(self._loop.time() + timeout)
+        when = self.when = self._loop.time() + timeout
+        if self._handle is None or when < self._armed_for:
+            self._arm(when)
 
     def set_at(self, when: float) -> None:
         self.when = when

@@ -16,11 +16,9 @@ from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import (
     CHUNKED,
     CRLF,
-    HOP_BY_HOP,
     LAST_CHUNK,
+    _STATUS_LINES,
     chunk,
-    connection_tokens,
-    end_to_end,
     status_line,
 )
 from poise.proxy.http.request import RequestHead
@@ -47,7 +45,7 @@ class Exchange:
 
     __slots__ = (
         "client", "method", "target", "http11", "keep_alive", "head", "head_only",
-        "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay", "_retried",
+        "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay", "_replay_size", "_retried",
         "response_started", "response_head_sent", "until_close", "_chunk_out", "_out",
         "_body_seen", "finished", "_counted",
     )
@@ -67,6 +65,7 @@ class Exchange:
         self._up_out: list[bytes] = []
         self._up_size = 0
         self._replay: list[bytes] | None = [] if method in IDEMPOTENT else None
+        self._replay_size = 0
         self._retried = False
         self.response_started = False     # an upstream byte arrived
         self.response_head_sent = False   # the client has been sent a response head
@@ -82,15 +81,18 @@ class Exchange:
     def start(self) -> None:
         """Route, pick a backend and attach an upstream connection (or start one)."""
         try:
-            cluster = self._route()
-            self.pool = cluster.choose()
+            cluster = self.client.site.router.catch_all or self._route()
+            pool = self.pool = cluster.choose()
         except PoiseError as e:
             self.respond_error(e)
             return
-        self.pool.stats.in_flight += 1
+        pool.stats.in_flight += 1
         self._counted = True
-        self._up_out.insert(0, self._request_head())
-        conn = self.pool.take_idle()
+        if self._up_out:            # body bytes of a pipelined request arrived first
+            self._up_out.insert(0, self._request_head())
+        else:
+            self._up_out.append(self._request_head())
+        conn = pool.take_idle()
         if conn is not None:
             conn.reused = True
             self._attach(conn)
@@ -99,8 +101,6 @@ class Exchange:
 
     def _route(self):
         router = self.client.site.router
-        if router.catch_all is not None:
-            return router.catch_all
         target = self.target
         path = target.split(b"?", 1)[0]
         host = (self.head.host or b"").lower()
@@ -108,7 +108,7 @@ class Exchange:
             host = host[: host.find(b"]") + 1]
         else:
             host = host.split(b":", 1)[0]
-        cluster = router.match(self.method, path, host, self.client.headers_of(self))
+        cluster = router.match(self.method, path, host, self.head.pairs())
         if cluster is None:
             raise NoRoute(f"no route for {host.decode(errors='replace')}{path.decode(errors='replace')}")
         return cluster
@@ -143,7 +143,8 @@ class Exchange:
         head = self.head
         client = self.client
         site = client.site
-        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n", *head.lines]
+        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        parts += head.fields
         if head.host is None:
             parts.append(b"host: " + self.pool.backend.address.encode() + CRLF)
         if site.forwarded_headers:
@@ -186,13 +187,14 @@ class Exchange:
         replay = self._replay
         if replay is not None:
             replay.append(data)
-            if sum(map(len, replay)) > REPLAY_LIMIT:
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
                 self._replay = None
         conn.transport.write(data)
 
     # -- phase 4: relay the response -----------------------------------------------------
 
-    def on_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_informational(self, status: int, fields: list[bytes]) -> None:
         if status == 101:           # we never forward Upgrade: a 101 is a protocol error
             conn = self.conn
             conn.close()
@@ -201,37 +203,35 @@ class Exchange:
             if self.head.expect_continue and not self.response_head_sent:
                 self._out.append(_CONTINUE)
         elif self.http11:
-            self._out.append(status_line(status) + b"".join(end_to_end(headers, frozenset())) + CRLF)
+            self._out.append(status_line(status) + b"".join(fields) + CRLF)
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]],
-                         upstream_keep_alive: bool) -> None:
-        lines, length, chunked, tokens = _response_lines(headers)
-        no_body = self.head_only or status == 204 or status == 304
-        close = not self.keep_alive or not self.request_complete
-        if not no_body and length is None:
+    def on_response_head(self, status: int, fields: list[bytes], has_length: bool,
+                         chunked: bool) -> None:
+        """The backend's final response head; ``fields`` are its end-to-end header
+        lines (flat name, ": ", value, CRLF groups)."""
+        close = not self.keep_alive or not self.request_complete or self.client.draining
+        if not has_length and not (self.head_only or status == 204 or status == 304):
             self.until_close = not chunked
             if self.http11:
                 self._chunk_out = True
-                lines.append(CHUNKED)
+                fields.append(CHUNKED)
             else:
                 close = True        # HTTP/1.0 client: the end of the body is the close
         if close:
             self.keep_alive = False
-            lines.append(_CLOSE)
+            fields.append(_CLOSE)
         elif not self.http11:
-            lines.append(_KEEP_ALIVE)
-        if tokens:
-            lines = [ln for ln in lines if ln[: ln.index(b":")].lower() not in tokens]
-        self._out.append(status_line(status) + b"".join(lines) + CRLF)
+            fields.append(_KEEP_ALIVE)
+        fields.append(CRLF)
+        self._out.append((_STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
         self.response_head_sent = True
-
-    def on_response_body(self, body: bytes) -> None:
-        self._out.append(chunk(body) if self._chunk_out else body)
 
     def flush_client(self) -> None:
         out = self._out
         if out:
-            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            client = self.client
+            if not client.closed:
+                client.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
     # -- phase 5: finish ------------------------------------------------------------------
@@ -261,7 +261,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._detach_stats()
+        if self._counted:
+            self._counted = False
+            self.pool.stats.in_flight -= 1
         self.client.exchange_done(self)
 
     def _detach_stats(self) -> None:
@@ -280,6 +282,7 @@ class Exchange:
             self.conn = None
             self._up_out[:0] = self._replay
             self._replay = []
+            self._replay_size = 0
             self.client.loop.create_task(self._connect())
             return
         self.upstream_failed(conn, error)
@@ -313,23 +316,3 @@ class Exchange:
     def __repr__(self) -> str:
         return (f"<Exchange {self.method.decode()} {self.target[:60].decode(errors='replace')}"
                 f" upstream={self.conn!r} done={self.finished}>")
-
-
-def _response_lines(headers: list[tuple[bytes, bytes]]):
-    """(end-to-end lines, Content-Length or None, chunked?, Connection-listed names)."""
-    length = None
-    chunked = False
-    listed: list[bytes] = []
-    lines = []
-    for name, value in headers:
-        low = name.lower()
-        if low not in HOP_BY_HOP:
-            if low == b"content-length":
-                length = value
-            lines.append(name + b": " + value + CRLF)
-        elif low == b"transfer-encoding":
-            chunked = value.rstrip().lower().endswith(b"chunked")
-        elif low == b"connection":
-            listed.append(value)
-    tokens = connection_tokens(listed) - {b"close", b"keep-alive"} if listed else None
-    return lines, length, chunked, tokens

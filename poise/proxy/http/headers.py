@@ -33,6 +33,19 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens - PROTECTED)
 
 
+def drop_listed(fields: list[bytes], connection_values: list[bytes]) -> list[bytes]:
+    """``fields`` (flat name, ": ", value, CRLF groups) without the headers that the
+    Connection header values nominate (framing headers and Host are never dropped)."""
+    names = connection_tokens(connection_values) - {b"close", b"keep-alive"}
+    if not names:
+        return fields
+    out: list[bytes] = []
+    for i in range(0, len(fields), 4):
+        if fields[i].lower() not in names:
+            out += fields[i:i + 4]
+    return out
+
+
 def end_to_end(headers: list[tuple[bytes, bytes]], listed: frozenset[bytes],
                drop: frozenset[bytes] = frozenset()) -> list[bytes]:
     """Header lines (``name: value\\r\\n``) that survive hop-by-hop removal.

@@ -27,7 +27,7 @@ from poise.errors import (
 from poise.proxy.deadline import Deadline
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
-from poise.proxy.http.request import inspect_head
+from poise.proxy.http.request import RequestHead
 
 if TYPE_CHECKING:
     from poise.proxy.http.site import Site
@@ -52,13 +52,14 @@ class ClientConnection(asyncio.Protocol):
         self.draining = False
         self._parsing: Exchange | None = None   # the request whose body is being read
         self._blocked = 0
-        self._closed = False
+        self.closed = False
         self._failed: PoiseError | None = None  # a parse error waiting its turn to answer
         self._write_paused = False
         # request head being parsed
         self._in_head = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._head: RequestHead | None = None
+        self._header_count = 0
         self._header_bytes = 0
         self._head_buf: bytearray | None = None
         self._chunk = b""
@@ -78,7 +79,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline.set(self.site.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.closed = True
         self.deadline.cancel()
         self.site.connections.discard(self)
         if self.current is not None:
@@ -96,7 +97,7 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
-        if self._closed or self._failed is not None:
+        if self.closed or self._failed is not None:
             return
         if self._head_buf is not None:
             self._head_buf += data
@@ -135,7 +136,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._url = b""
-        self._headers = []
+        self._head = RequestHead(self.site.max_request_body)
+        self._header_count = 0
         self._header_bytes = 0
         if self._idle:              # the idle deadline ends; a head deadline may start
             self._idle = False
@@ -147,12 +149,14 @@ class ClientConnection(asyncio.Protocol):
             raise UriTooLong(f"request target longer than {self.site.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.site.max_header_size:
-            raise HeadersTooLarge(f"header block larger than {self.site.max_header_size} bytes")
-        if len(self._headers) > self.site.max_headers:
-            raise HeadersTooLarge(f"more than {self.site.max_headers} headers")
+        site = self.site
+        if self._header_bytes > site.max_header_size:
+            raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
+        if self._header_count > site.max_headers:
+            raise HeadersTooLarge(f"more than {site.max_headers} headers")
+        self._head.add(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -163,9 +167,15 @@ class ClientConnection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             raise VersionNotSupported(f"HTTP/{version}")
         method = parser.get_method()
-        self._check_request_line(method, version)
+        line = method + b" " + self._url + b" HTTP/"
+        buf = self._head_buf if self._head_buf is not None else self._chunk
+        if buf.startswith(line, self._line_pos):    # the usual case: nothing before it
+            self._line_pos += len(line)
+        else:
+            self._check_request_line(buf, method, version)
         http11 = version == "1.1"
-        head = inspect_head(self._headers, http11, self.site.max_request_body)
+        head = self._head
+        head.finish(http11)
         target = self._url
         if parser.should_upgrade():
             if method == b"CONNECT":
@@ -196,11 +206,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- head checks ---------------------------------------------------------------------
 
-    def _check_request_line(self, method: bytes, version: str) -> None:
+    def _check_request_line(self, buf: bytes | bytearray, method: bytes, version: str) -> None:
         """llhttp tolerates repeated spaces in the request line; we do not.  The exact
         canonical line must appear at a line start in what we received."""
         line = b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())
-        buf = self._head_buf if self._head_buf is not None else self._chunk
         i = buf.find(line, self._line_pos)
         if i < 0 or (i > 0 and buf[i - 1] != 0x0A):
             raise BadRequest("malformed request line")
@@ -235,12 +244,8 @@ class ClientConnection(asyncio.Protocol):
     def unblock_reading(self, reason: int) -> None:
         if self._blocked & reason:
             self._blocked &= ~reason
-            if not self._blocked and not self._closed:
+            if not self._blocked and not self.closed:
                 self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if not self._closed:
-            self.transport.write(data)
 
     # -- exchange lifecycle --------------------------------------------------------------
 
@@ -251,7 +256,7 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         if self._parsing is ex:
             self._parsing = None
-        if not ex.keep_alive or self._closed:
+        if not ex.keep_alive or self.closed:
             self._close()
             return
         if self.queue:
@@ -268,10 +273,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._idle = True
             self.deadline.set(self.site.idle_timeout)
-
-    def headers_of(self, ex: Exchange) -> list[tuple[bytes, bytes]]:
-        """Raw request headers, for header-matching routes."""
-        return [(ln[: ln.index(b":")], ln[ln.index(b":") + 2: -2]) for ln in ex.head.lines]
 
     def reject_body(self, ex: Exchange, reason: str) -> None:
         from poise.errors import PayloadTooLarge
@@ -303,11 +304,11 @@ class ClientConnection(asyncio.Protocol):
                 self._answer_and_close(error)
 
     def _answer_and_close(self, error: PoiseError) -> None:
-        self.write(error_response(status_of(error), close=True))
+        self._write(error_response(status_of(error), close=True))
         self._close()
 
     def _timed_out(self) -> None:
-        if self._idle or self._closed:
+        if self._idle or self.closed:
             self._close()
         elif self.current is None and not self.queue:
             self._answer_and_close(RequestTimeout())
@@ -319,15 +320,19 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             self.deadline.cancel()
             self.transport.close()
 
+    def _write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
     def abort(self) -> None:
         """Close without flushing: the client must see a truncated response."""
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             self.transport.abort()
 
     def __repr__(self) -> str:
@@ -356,7 +361,5 @@ def _origin_form(target: bytes, head, method: bytes) -> bytes:
     authority, slash, path = rest.partition(b"/")
     if not authority:
         raise BadRequest("absolute URI without host")
-    head.host = authority
-    head.lines = [ln for ln in head.lines if ln[:5].lower() != b"host:"]
-    head.lines.append(b"host: " + authority + b"\r\n")
+    head.set_host(authority)
     return slash + path if slash else b"/"

@@ -1,80 +1,101 @@
-"""Request-head inspection: the checks httptools (llhttp) does not make, and the
-forwarded header lines, in one pass over the parsed headers.
+"""Request-head inspection: the checks httptools (llhttp) does not make, done as each
+header is parsed, plus the forwardable header fields.
 
 llhttp already rejects CL+TE, duplicate or malformed Content-Length, obs-fold, bare CR,
 NUL/CTL in values, invalid names and malformed chunk framing; this module adds the
-rules a proxy needs on top: Host, Transfer-Encoding, HTTP/1.0 framing, size limits.
+rules a proxy needs on top: one Host, only ``chunked`` as Transfer-Encoding and never
+on HTTP/1.0, the body size limit, and hop-by-hop removal.
 """
 
 from __future__ import annotations
 
 from poise.errors import BadRequest, PayloadTooLarge
-from poise.proxy.http.headers import HOP_BY_HOP, PROTECTED
+from poise.proxy.http.headers import CRLF, HOP_BY_HOP, drop_listed
 
 _SPECIAL = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 }) | HOP_BY_HOP
-_NOT_HEADER_NAMES = frozenset({b"close", b"keep-alive"})
+# Lower-cased first letters of the names above: other headers skip lower-casing.
+_WATCH_FIRST = frozenset(name[0] for name in _SPECIAL)
 
 
 class RequestHead:
-    """What the proxy needs from a request head, and its forwardable header lines."""
+    """Accumulates one request head: forwardable fields (flat ``name, ": ", value,
+    CRLF`` groups, hop-by-hop and X-Forwarded-* removed) and the facts the proxy needs."""
 
-    __slots__ = ("lines", "host", "content_length", "chunked", "expect_continue", "xff")
+    __slots__ = ("fields", "host", "content_length", "chunked", "te", "expect_continue",
+                 "xff", "connection", "max_body")
 
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
+    def __init__(self, max_body: int) -> None:
+        self.fields: list[bytes] = []
         self.host: bytes | None = None
         self.content_length = -1
         self.chunked = False
+        self.te = False
         self.expect_continue = False
         self.xff: bytes | None = None
+        self.connection: list[bytes] | None = None
+        self.max_body = max_body
 
+    def add(self, name: bytes, value: bytes) -> None:
+        """One parsed header. Raises BadRequest (400) or PayloadTooLarge (413)."""
+        if (name[0] | 0x20) in _WATCH_FIRST:
+            low = name.lower()
+            if low in _SPECIAL:
+                self._special(low, name, value)
+                return
+        self.fields += (name, b": ", value, CRLF)
 
-def inspect_head(headers: list[tuple[bytes, bytes]], http11: bool,
-                 max_body: int) -> RequestHead:
-    """Validate ``headers`` and split them into forwardable lines and facts.
-
-    Raises BadRequest (400) or PayloadTooLarge (413).
-    """
-    head = RequestHead()
-    lines = head.lines
-    listed: list[bytes] | None = None
-    for name, value in headers:
-        low = name.lower()
-        if low not in _SPECIAL:
-            lines.append(name + b": " + value + b"\r\n")
-        elif low == b"host":
-            if head.host is not None:
+    def _special(self, low: bytes, name: bytes, value: bytes) -> None:
+        if low == b"host":
+            if self.host is not None:
                 raise BadRequest("duplicate Host header")
-            head.host = value
-            lines.append(name + b": " + value + b"\r\n")
+            self.host = value
+            self.fields += (name, b": ", value, CRLF)
         elif low == b"content-length":
-            head.content_length = int(value)  # llhttp has checked it is digits only
-            if head.content_length > max_body:
-                raise PayloadTooLarge(f"Content-Length {head.content_length} exceeds {max_body}")
-            lines.append(name + b": " + value + b"\r\n")
+            self.content_length = int(value)  # llhttp has checked it is digits only
+            if self.content_length > self.max_body:
+                raise PayloadTooLarge(
+                    f"Content-Length {self.content_length} exceeds {self.max_body}")
+            self.fields += (name, b": ", value, CRLF)
         elif low == b"transfer-encoding":
-            if not http11:
-                raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
             if value.strip().lower() != b"chunked":
                 raise BadRequest("only 'Transfer-Encoding: chunked' is accepted")
-            head.chunked = True
+            self.te = self.chunked = True
         elif low == b"expect":
-            if value.strip().lower() == b"100-continue" and http11:
-                head.expect_continue = True
-                lines.append(name + b": " + value + b"\r\n")
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+                self.fields += (name, b": ", value, CRLF)
         elif low == b"x-forwarded-for":
-            head.xff = value if head.xff is None else head.xff + b", " + value
+            self.xff = value if self.xff is None else self.xff + b", " + value
         elif low == b"connection":
-            listed = (listed or []) + [t.strip().lower() for t in value.split(b",")]
+            self.connection = (self.connection or []) + [value]
         # other hop-by-hop and X-Forwarded-Proto/-Host: dropped, poise sets its own
-    if http11 and head.host is None:
-        raise BadRequest("HTTP/1.1 request without Host")
-    if listed:
-        names = set(listed) - _NOT_HEADER_NAMES - PROTECTED
-        if names:
-            head.lines = [line for line in lines
-                          if line[: line.index(b":")].lower() not in names]
-    return head
+
+    def finish(self, http11: bool) -> None:
+        """Checks that need the whole head. Raises BadRequest."""
+        if not http11:
+            if self.te:
+                raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
+            self.expect_continue = False
+        elif self.host is None:
+            raise BadRequest("HTTP/1.1 request without Host")
+        if self.connection is not None:
+            self.fields = drop_listed(self.fields, self.connection)
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """Forwardable ``(name, value)`` pairs (for header-matching routes)."""
+        f = self.fields
+        return [(f[i], f[i + 2]) for i in range(0, len(f), 4)]
+
+    def set_host(self, host: bytes) -> None:
+        """Replace Host (absolute-form request targets carry their own authority)."""
+        f = self.fields
+        kept: list[bytes] = []
+        for i in range(0, len(f), 4):
+            if f[i].lower() != b"host":
+                kept += f[i:i + 4]
+        kept += (b"host", b": ", host, CRLF)
+        self.fields = kept
+        self.host = host

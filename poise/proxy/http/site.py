@@ -20,7 +20,7 @@ from poise.proxy.http.upstream import UpstreamPool
 class ClusterRuntime:
     """A cluster's snapshot, picker and per-backend connection pools (one worker)."""
 
-    __slots__ = ("name", "snapshot", "picker", "pools")
+    __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
@@ -35,16 +35,18 @@ class ClusterRuntime:
                             response_timeout=spec.response_header_timeout, loop=loop)
             for b in self.snapshot.backends
         }
+        # Keyed by identity: the picker returns this snapshot's own Backend objects,
+        # and id() skips hashing a dataclass on every request.
+        self._pool_of = {id(b): pool for b, pool in self.pools.items()}
 
     def choose(self) -> UpstreamPool:
         """The pool of the backend the policy prefers among those ready."""
         snapshot = self.snapshot
-        backend = self.picker.pick()
         if snapshot.all_ready:
-            return self.pools[backend]
+            return self._pool_of[id(self.picker.pick())]
         for backend in self.picker.candidates():
             if snapshot.ready(backend):
-                return self.pools[backend]
+                return self._pool_of[id(backend)]
         raise NoBackendAvailable(f"cluster {self.name}: no backend available")
 
     def __repr__(self) -> str:

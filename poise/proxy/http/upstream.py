@@ -25,6 +25,7 @@ from poise.errors import (
     UpstreamTimeout,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
@@ -112,7 +113,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.deadline = Deadline(pool.loop, self._timed_out)
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._fields: list[bytes] = []    # name, ": ", value, CRLF — hop-by-hop dropped
+        self._has_length = False
+        self._te: bytes | None = None
+        self._connection: list[bytes] | None = None
         self._done = False          # the response (or a HEAD's head) is complete
         self._head_only = False     # ended at the head: reset the parser afterwards
         self._keep_alive = False
@@ -145,7 +149,6 @@ class UpstreamConnection(asyncio.Protocol):
             # A response delimited by connection close ends here.
             self._done = True
             self._keep_alive = False
-            ex.flush_client()
             self._response_done(ex)
         return False
 
@@ -163,9 +166,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
                 ex.upstream_failed(self, UpstreamProtocolError(f"malformed response: {e}"))
                 return
-        ex.flush_client()
         if self._done:
-            self._response_done(ex)
+            self._response_done(ex)     # flushes too
+        else:
+            ex.flush_client()
 
     def pause_writing(self) -> None:
         ex = self.exchange
@@ -180,19 +184,40 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks: record, don't act ------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        # Only names starting with c/k/p/t/u can be hop-by-hop or Content-Length:
+        # the rest skip lower-casing.
+        if (name[0] | 0x20) in _WATCH_FIRST:
+            low = name.lower()
+            if low in HOP_BY_HOP:
+                if low == b"transfer-encoding":
+                    self._te = value
+                elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                    self._connection = (self._connection or []) + [value]
+                return
+            if low == b"content-length":
+                self._has_length = True
+        self._fields += (name, b": ", value, CRLF)
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
+        fields = self._fields
+        self._fields = []
         if ex is None:
             return
         status = self.parser.get_status_code()
-        headers, self._headers = self._headers, []
+        if self._connection is not None:
+            fields = drop_listed(fields, self._connection)
+            self._connection = None
         if 100 <= status < 200:
-            ex.on_informational(status, headers)
+            self._has_length = False
+            self._te = None
+            ex.on_informational(status, fields)
             return
         self.deadline.clear()
-        ex.on_response_head(status, headers, self.parser.should_keep_alive())
+        te, self._te = self._te, None
+        has_length, self._has_length = self._has_length, False
+        chunked = te is not None and te.rstrip().lower().endswith(b"chunked")
+        ex.on_response_head(status, fields, has_length, chunked)
         if ex.head_only:
             self._head_only = self._done = True
             self._keep_alive = self.parser.should_keep_alive()
@@ -202,7 +227,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None or self._done:
             self.usable = False     # body bytes after a HEAD response: out of sync
             return
-        ex.on_response_body(body)
+        ex._out.append(chunk(body) if ex._chunk_out else body)
 
     def on_message_complete(self) -> None:
         if self._done or self.parser.get_status_code() < 200:
@@ -211,13 +236,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self.parser.should_keep_alive()
 
     # -- decisions ---------------------------------------------------------------------
-
-    def send(self, ex: Exchange, data: bytes) -> None:
-        """Start ``ex`` on this connection with its first bytes."""
-        self.exchange = ex
-        self._done = False
-        self.transport.write(data)  # type: ignore[union-attr]
-        self.deadline.set(self.pool.response_timeout)
 
     def _response_done(self, ex: Exchange) -> None:
         if self._head_only:
@@ -257,3 +275,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 # Reasons a client connection stops reading (bit flags, see ClientConnection).
 UPSTREAM_FULL = 1
+# First letters (lower-cased) of the hop-by-hop names and of Content-Length.
+_WATCH_FIRST = frozenset(b"ckptu")
+# Connection values that nominate no other header (the common case, skipped cheaply).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})

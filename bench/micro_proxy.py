@@ -1,0 +1,90 @@
+"""Per-request Python cost of the HTTP data path, without sockets.
+
+Drives a ClientConnection and an UpstreamConnection with in-memory transports:
+one keep-alive GET in, one small response back, per iteration.  What it measures is
+the interpreter work poise adds on top of the syscalls (which `make bench` covers).
+
+    .venv/bin/python bench/micro_proxy.py [iterations]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import uvloop
+
+from poise.config.load import parse_config
+from poise.proxy.http.protocol import ClientConnection
+from poise.proxy.http.site import ClusterRuntime, Site
+from poise.proxy.http.upstream import UpstreamConnection
+
+CONFIG = """
+listeners: [{name: web, bind: "127.0.0.1:1", routes: [{cluster: app}]}]
+clusters: [{name: app, backends: [{address: "127.0.0.1:2"}, {address: "127.0.0.1:3"}]}]
+"""
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:19500\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 64\r\nConnection: keep-alive\r\n\r\n"
+            + b"x" * 64)
+
+
+class MemoryTransport:
+    """Just enough of asyncio.Transport; remembers what was written last."""
+
+    def __init__(self) -> None:
+        self.last = b""
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def main(iterations: int) -> None:
+    loop = uvloop.new_event_loop()
+    config = parse_config(CONFIG)
+    clusters = {c.name: ClusterRuntime(c, loop) for c in config.clusters}
+    site = Site(config.listeners[0], clusters, loop)
+    upstreams = {}
+    for backend, pool in clusters["app"].pools.items():
+        conn = UpstreamConnection(pool)
+        conn.connection_made(MemoryTransport())
+        pool.release(conn)
+        upstreams[backend] = conn
+    client = ClientConnection(site)
+    client_transport = MemoryTransport()
+    client.connection_made(client_transport)
+    conns = list(upstreams.values())
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        ex = client.current
+        ex.conn.data_received(RESPONSE)
+
+    for _ in range(1000):
+        one()
+    assert client_transport.last.startswith(b"HTTP/1.1 200"), client_transport.last
+    start = time.perf_counter()
+    for _ in range(iterations):
+        one()
+    elapsed = time.perf_counter() - start
+    assert sum(c.transport.writes for c in conns) == iterations + 1000
+    print(f"{elapsed / iterations * 1e6:.2f} µs per request (Python work only, {iterations} requests)")
+    print(client_transport.last.decode(errors="replace").split("\r\n\r\n")[0])
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)

@@ -1,0 +1,142 @@
+"""Request/response header rewriting over real sockets: Host, X-Forwarded-*, hop-by-hop
+removal in both directions, and `Upgrade: h2c` never reaching the backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.client import H11Client, RawReader, connect, echo_headers
+
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+              "transfer-encoding")
+
+
+@pytest.fixture(scope="module")
+def proxy(module_stack):
+    backend = module_stack.backend("fw")
+    return module_stack.poise([backend]), backend
+
+
+def echo(proxy, headers=None, method="GET", target="/echo", body=None, chunks=None) -> dict:
+    px, _ = proxy
+    with H11Client(px.addr) as c:
+        r = c.request(method, target, headers, body, chunks)
+        assert r.status == 200, r
+        return r.json()
+
+
+def test_host_is_kept(proxy):
+    seen = echo(proxy, [("Host", "app.example:8443")])
+    assert echo_headers(seen, "host") == ["app.example:8443"]
+
+
+def test_request_target_and_method_are_forwarded_unchanged(proxy):
+    seen = echo(proxy, method="DELETE", target="/echo/a%20b/../c?q=1&q=2#")
+    assert seen["method"] == "DELETE"
+    assert seen["target"] == "/echo/a%20b/../c?q=1&q=2#"
+
+
+def test_x_forwarded_for_is_set_to_the_client_ip(proxy):
+    seen = echo(proxy)
+    assert echo_headers(seen, "x-forwarded-for") == ["127.0.0.1"]
+
+
+def test_x_forwarded_for_appends_to_an_existing_value(proxy):
+    seen = echo(proxy, [("X-Forwarded-For", "203.0.113.7")])
+    assert echo_headers(seen, "x-forwarded-for") == ["203.0.113.7, 127.0.0.1"]
+
+
+def test_x_forwarded_for_joins_several_existing_headers_in_order(proxy):
+    seen = echo(proxy, [("X-Forwarded-For", "203.0.113.7"),
+                        ("X-Forwarded-For", "198.51.100.1, 192.0.2.9")])
+    assert echo_headers(seen, "x-forwarded-for") == [
+        "203.0.113.7, 198.51.100.1, 192.0.2.9, 127.0.0.1"]
+
+
+def test_x_forwarded_proto_and_host_are_set_by_the_proxy(proxy):
+    # Client-supplied values must not survive: the proxy knows the truth.
+    seen = echo(proxy, [("Host", "shop.example"), ("X-Forwarded-Proto", "https"),
+                        ("X-Forwarded-Host", "evil.example")])
+    assert echo_headers(seen, "x-forwarded-proto") == ["http"]
+    assert echo_headers(seen, "x-forwarded-host") == ["shop.example"]
+
+
+def test_end_to_end_request_headers_pass_unchanged(proxy):
+    sent = [("X-Custom", "a,b ;c"), ("Accept", "*/*"), ("X-Custom", "second"),
+            ("Cookie", "a=1; b=2")]
+    seen = echo(proxy, sent)
+    got = [(n.lower(), v) for n, v in seen["headers"] if n.lower() in ("x-custom", "accept", "cookie")]
+    assert got == [(n.lower(), v) for n, v in sent]
+
+
+def test_hop_by_hop_request_headers_are_removed(proxy):
+    seen = echo(proxy, [
+        ("Connection", "keep-alive, X-Hop-A, x-hop-b"),
+        ("X-Hop-A", "1"), ("X-Hop-B", "2"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("X-Stays", "yes"),
+    ])
+    names = {n.lower() for n, _ in seen["headers"]}
+    for gone in ("connection", "x-hop-a", "x-hop-b", "keep-alive", "proxy-connection",
+                 "te", "trailer", "upgrade"):
+        assert gone not in names, f"{gone} reached the backend: {seen['headers']}"
+    assert echo_headers(seen, "x-stays") == ["yes"]
+
+
+def test_connection_listing_content_length_does_not_remove_it(proxy):
+    body = b"hello, world"
+    seen = echo(proxy, [("Connection", "Content-Length, X-Hop")], "POST", "/echo", body)
+    assert seen["body_len"] == len(body) and seen["body"] == body.decode()
+    assert echo_headers(seen, "content-length") == [str(len(body))]
+
+
+def test_connection_listing_transfer_encoding_does_not_break_framing(proxy):
+    parts = [b"abc", b"defgh", b"i" * 1000]
+    seen = echo(proxy, [("Connection", "transfer-encoding, host")], "POST", "/echo",
+                chunks=parts)
+    assert seen["body"] == b"".join(parts).decode()
+    assert echo_headers(seen, "host"), "Host must never be removed by being listed"
+
+
+def test_upgrade_request_is_answered_normally_without_upgrade(proxy):
+    seen = echo(proxy, [("Connection", "Upgrade"), ("Upgrade", "websocket")])
+    names = {n.lower() for n, _ in seen["headers"]}
+    assert "upgrade" not in names and "connection" not in names
+
+
+def test_h2c_upgrade_never_reaches_the_backend(proxy):
+    px, backend = proxy
+    backend.reset()
+    with connect(px.addr) as s:
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: h2c.example\r\n"
+                  b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                  b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                  b"GET /echo?second HTTP/1.1\r\nHost: h2c.example\r\n\r\n")
+        reader = RawReader(s)
+        first = reader.read_response()
+        assert first.status == 200, "an h2c upgrade must be answered as plain HTTP/1.1"
+        seen = first.json()
+        names = {n.lower() for n, _ in seen["headers"]}
+        assert not names & {"upgrade", "http2-settings", "connection"}, seen["headers"]
+        second = reader.read_response()
+        assert second.status == 200 and second.json()["target"] == "/echo?second"
+    assert backend.targets() == ["/echo", "/echo?second"]
+
+
+def test_hop_by_hop_response_headers_are_removed(proxy):
+    px, _ = proxy
+    with H11Client(px.addr) as c:
+        r = c.get("/hop")
+        assert r.status == 200 and r.body == b"hop\n"
+        names = r.names()
+        for gone in ("x-resp-hop", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"):
+            assert gone not in names, f"{gone} reached the client: {r.headers}"
+        assert r.header("connection") in (None, "keep-alive")
+        assert r.header("x-resp-end") == "kept"
+        # Listed in Connection by the backend, but framing headers are never removed.
+        assert r.header("content-length") == "4"
+        assert c.reusable
+        assert c.get("/echo").status == 200

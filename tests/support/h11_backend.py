@@ -1,0 +1,329 @@
+"""An independent HTTP/1.1 backend for proxy tests, built on h11 (no poise code).
+
+Run as a process::
+
+    python -m tests.support.h11_backend --name NAME [--port 0]
+        [--close-after-response] [--idle-timeout SECONDS] [--drop-reused]
+
+It prints ``READY <port>`` once listening.  One thread per connection; keep-alive as
+h11 decides.  Behaviour is chosen by path (query options after ``?``):
+
+``/echo`` (and any unknown path)  JSON: method, target, version, headers (raw case,
+    in order), body length, sha256 and (when short) the body itself, backend name.
+``/bytes/N?te=cl|chunked|close&piece=K``  N bytes of :mod:`tests.support.pattern`,
+    written in pieces of K bytes; ``close`` sends no framing and closes after the body.
+``/sink``  consume the request body, verify it against the pattern; JSON result.
+``/status/N?cl=X``  status N (``cl`` adds a Content-Length header to a 304).
+``/slow?delay=S``  echo after S seconds.        ``/never``  read, never answer.
+``/stall?delay=S``  neither read the body nor answer for S seconds (back-pressure).
+``/close``  close without answering.           ``/reset``  RST without answering.
+``/malformed?kind=K``  a malformed response (see ``MALFORMED``), then wait for close.
+``/hop``  a response carrying hop-by-hop headers.
+``/_stats``, ``/_reset``  counters (requests to these two are not counted).
+
+Process options: ``--close-after-response`` closes every connection silently (no
+``Connection: close``) right after each response; ``--idle-timeout`` closes a
+keep-alive connection silently after that long without a request; ``--drop-reused``
+closes the connection without answering the second request on each connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from tests.support import pattern
+
+RECV = 1 << 20
+MALFORMED = {
+    "status": b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
+    "garbage": b"\x00\x01\x02 this is not http\r\n\r\n",
+    "duplicate-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "bad-header": b"HTTP/1.1 200 OK\r\nBad Header Line\r\nContent-Length: 2\r\n\r\nok",
+    "cl-te": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"5\r\nhello\r\n0\r\n\r\n"),
+    # the head is fine; the body framing breaks after the client has seen the head
+    "chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+}
+INTERNAL = ("/_stats", "/_reset")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: list[dict] = []
+        self.connections: set[int] = set()
+        self.dropped = 0
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"requests": list(self.requests), "connections": len(self.connections),
+                    "dropped": self.dropped}
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.name = args.name
+        self.close_after_response = args.close_after_response
+        self.idle_timeout = args.idle_timeout
+        self.drop_reused = args.drop_reused
+        self.stats = Stats()
+        self.listener = socket.create_server(("127.0.0.1", args.port), backlog=1024)
+        self._ids = 0
+
+    def serve_forever(self) -> None:
+        print(f"READY {self.listener.getsockname()[1]}", flush=True)
+        while True:
+            sock, _ = self.listener.accept()
+            self._ids += 1
+            threading.Thread(target=Connection(self, sock, self._ids).run, daemon=True).start()
+
+
+class Closed(Exception):
+    """The peer went away, or we decided to drop the connection."""
+
+
+class Connection:
+    def __init__(self, server: Server, sock: socket.socket, cid: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.cid = cid
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
+        self.index = 0
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.one_exchange()
+                if self.h11.our_state is h11.MUST_CLOSE or self.server.close_after_response:
+                    break
+                self.h11.start_next_cycle()
+        except (Closed, OSError, h11.ProtocolError):
+            pass
+        finally:
+            self.sock.close()
+
+    def next_event(self, timeout: float | None = None):
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(RECV)
+            except TimeoutError:
+                raise Closed() from None
+            if not data:
+                raise Closed()
+            self.h11.receive_data(data)
+
+    def send(self, *events) -> None:
+        out = b"".join(self.h11.send(e) or b"" for e in events)
+        if out:
+            self.sock.sendall(out)
+
+    def read_body(self, req: h11.Request) -> bytes:
+        if self.h11.they_are_waiting_for_100_continue:
+            self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = bytearray()
+        while True:
+            event = self.next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise Closed()
+
+    def respond(self, status: int, headers: list, body: bytes = b"") -> None:
+        events = [h11.Response(status_code=status, headers=headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        self.send(*events, h11.EndOfMessage())
+
+    def wait_for_close(self, limit: float = 10.0) -> None:
+        self.sock.settimeout(limit)
+        try:
+            while self.sock.recv(RECV):
+                pass
+        except OSError:
+            pass
+        raise Closed()
+
+    # -- one request ---------------------------------------------------------------------
+
+    def one_exchange(self) -> None:
+        idle = self.server.idle_timeout if self.index else None
+        req = self.next_event(timeout=idle)
+        if not isinstance(req, h11.Request):
+            raise Closed()
+        self.sock.settimeout(None)
+        target = req.target.decode("latin-1")
+        url = urlsplit(target)
+        path = url.path
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        stats = self.server.stats
+        if path in INTERNAL:
+            self.read_body(req)
+            if path == "/_reset":
+                with stats.lock:
+                    stats.reset()
+            self.respond_json(stats.snapshot())
+            return
+        self.index += 1
+        with stats.lock:
+            stats.connections.add(self.cid)
+            stats.requests.append({"method": req.method.decode(), "target": target,
+                                   "conn": self.cid, "index": self.index})
+            if self.server.drop_reused and self.index == 2:
+                stats.dropped += 1
+                raise Closed()
+        handler = getattr(self, "do_" + path.strip("/").split("/")[0], self.do_echo)
+        handler(req, path, query)
+
+    def respond_json(self, obj: object, status: int = 200, extra: list | None = None) -> None:
+        body = json.dumps(obj).encode()
+        self.respond(status, [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body))), *(extra or [])], body)
+
+    def is_head(self, req: h11.Request) -> bool:
+        return req.method == b"HEAD"
+
+    # -- behaviours ------------------------------------------------------------------------
+
+    def do_echo(self, req: h11.Request, path: str, query: dict) -> None:
+        body = self.read_body(req)
+        self.respond_json({
+            "name": self.server.name,
+            "method": req.method.decode(),
+            "target": req.target.decode("latin-1"),
+            "version": req.http_version.decode(),
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")]
+                        for n, v in req.headers.raw_items()],
+            "body_len": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body": body.decode("latin-1") if len(body) <= 4096 else None,
+            "conn": self.cid,
+        }, extra=[("X-Backend", self.server.name)])
+
+    def do_slow(self, req: h11.Request, path: str, query: dict) -> None:
+        time.sleep(float(query.get("delay", "1")))
+        self.do_echo(req, path, query)
+
+    def do_bytes(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        total = int(path.rsplit("/", 1)[1])
+        te = query.get("te", "cl")
+        size = int(query.get("piece", 65536))
+        if te == "close":
+            self.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                              b"X-Backend: " + self.server.name.encode() + b"\r\n\r\n")
+            if not self.is_head(req):
+                for part in pattern.chunks(total, size):
+                    self.sock.sendall(part)
+            self.sock.shutdown(socket.SHUT_WR)
+            raise Closed()
+        framing = ("Content-Length", str(total)) if te == "cl" else ("Transfer-Encoding", "chunked")
+        self.send(h11.Response(status_code=200, headers=[
+            ("Content-Type", "application/octet-stream"), framing,
+            ("X-Backend", self.server.name)]))
+        if not self.is_head(req):
+            for part in pattern.chunks(total, size):
+                self.sock.sendall(self.h11.send(h11.Data(data=part)))
+        self.send(h11.EndOfMessage())
+
+    def do_sink(self, req: h11.Request, path: str, query: dict) -> None:
+        if self.h11.they_are_waiting_for_100_continue:
+            self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        received, ok = 0, True
+        while True:
+            event = self.next_event()
+            if isinstance(event, h11.Data):
+                ok = ok and pattern.matches(received, event.data)
+                received += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise Closed()
+        self.respond_json({"received": received, "pattern_ok": ok})
+
+    def do_status(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        status = int(path.rsplit("/", 1)[1])
+        headers = [("X-Backend", self.server.name)]
+        if status in (204, 304):
+            if "cl" in query:
+                headers.append(("Content-Length", query["cl"]))
+            self.respond(status, headers)
+            return
+        body = b"status %d\n" % status
+        self.respond(status, headers + [("Content-Length", str(len(body)))],
+                     b"" if self.is_head(req) else body)
+
+    def do_hop(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        body = b"hop\n"
+        self.respond(200, [
+            ("Connection", "X-Resp-Hop, Content-Length"),
+            ("X-Resp-Hop", "must be removed"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Trailer", "X-Checksum"),
+            ("Upgrade", "websocket"),
+            ("TE", "trailers"),
+            ("X-Resp-End", "kept"),
+            ("Content-Length", str(len(body))),
+        ], body)
+
+    def do_never(self, req: h11.Request, path: str, query: dict) -> None:
+        self.wait_for_close(limit=120)
+
+    def do_stall(self, req: h11.Request, path: str, query: dict) -> None:
+        time.sleep(float(query.get("delay", "60")))
+        raise Closed()
+
+    def do_close(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        raise Closed()
+
+    def do_reset(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raise Closed()
+
+    def do_malformed(self, req: h11.Request, path: str, query: dict) -> None:
+        self.read_body(req)
+        self.sock.sendall(MALFORMED[query.get("kind", "garbage")])
+        self.wait_for_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", default="backend")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--close-after-response", action="store_true")
+    p.add_argument("--idle-timeout", type=float, default=None)
+    p.add_argument("--drop-reused", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        Server(args).serve_forever()
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

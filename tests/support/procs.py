@@ -1,0 +1,231 @@
+"""Real processes for proxy tests: h11 backends and ``python -m poise run CONFIG``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (poise binds it itself, so a race is possible;
+    :meth:`Poise.start` retries on a bind failure)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def refused_address() -> str:
+    """A loopback address where nothing listens (connects are refused)."""
+    return f"{LOOPBACK}:{free_port()}"
+
+
+class Backend:
+    """An h11 backend process (see :mod:`tests.support.h11_backend`)."""
+
+    def __init__(self, name: str = "b1", *, close_after_response: bool = False,
+                 idle_timeout: float | None = None, drop_reused: bool = False) -> None:
+        self.name = name
+        args = [sys.executable, "-m", "tests.support.h11_backend", "--name", name]
+        if close_after_response:
+            args.append("--close-after-response")
+        if idle_timeout is not None:
+            args += ["--idle-timeout", str(idle_timeout)]
+        if drop_reused:
+            args.append("--drop-reused")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.proc.kill()
+            raise RuntimeError(f"backend {name} did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.address = f"{LOOPBACK}:{self.port}"
+
+    def _call(self, path: str) -> dict:
+        with socket.create_connection((LOOPBACK, self.port), timeout=10) as s:
+            s.sendall(b"GET %b HTTP/1.1\r\nHost: control\r\nConnection: close\r\n\r\n"
+                      % path.encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+    def stats(self) -> dict:
+        """``{"requests": [{method, target, conn, index}], "connections": n, "dropped": n}``."""
+        return self._call("/_stats")
+
+    def reset(self) -> None:
+        self._call("/_reset")
+
+    def targets(self) -> list[str]:
+        return [r["target"] for r in self.stats()["requests"]]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} {self.address}>"
+
+
+def make_config(backends: list, port: int, listener: dict | None = None,
+                cluster: dict | None = None, **top) -> dict:
+    """A one-listener, one-cluster config. ``backends`` holds addresses or
+    ``(address, weight)`` pairs; ``listener``/``cluster``/``top`` add or override fields."""
+    members = []
+    for b in backends:
+        if isinstance(b, tuple):
+            members.append({"address": b[0], "weight": b[1]})
+        else:
+            members.append({"address": b})
+    return {
+        "workers": 1,
+        **top,
+        "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{port}", "protocol": "http",
+                       "routes": [{"cluster": "app"}], **(listener or {})}],
+        "clusters": [{"name": "app", "policy": "round_robin", "backends": members,
+                      **(cluster or {})}],
+    }
+
+
+class Poise:
+    """``python -m poise run CONFIG`` on a free loopback port, config written as YAML."""
+
+    def __init__(self, workdir: Path, backends: list, *, listener: dict | None = None,
+                 cluster: dict | None = None, **top) -> None:
+        self.workdir = Path(workdir)
+        self.spec = (backends, listener, cluster, top)
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        for attempt in range(3):
+            if self._start(attempt):
+                return
+        raise RuntimeError(f"poise did not start:\n{self.log()}")
+
+    def _start(self, attempt: int) -> bool:
+        backends, listener, cluster, top = self.spec
+        self.port = free_port()
+        self.addr = (LOOPBACK, self.port)
+        self.config = make_config(backends, self.port, listener, cluster, **top)
+        self.config_path = self.workdir / f"poise-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.log_path = self.workdir / f"poise-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "poise", "run", str(self.config_path)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                socket.create_connection(self.addr, timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait()
+        return False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident set size of the poise process in bytes (VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 40.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"poise did not exit within {timeout}s of SIGTERM") from None
+        return self.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except (OSError, AttributeError):
+            return ""
+
+    def __repr__(self) -> str:
+        return f"<Poise pid={self.proc.pid if self.proc else None} {LOOPBACK}:{self.port}>"
+
+
+def _address(b):
+    """A config backend entry from a Backend, an address string or a (that, weight) pair."""
+    if isinstance(b, tuple):
+        return (_address(b[0]), b[1])
+    return b.address if isinstance(b, Backend) else b
+
+
+class Stack:
+    """Backends and poise processes started by one test (or module); stopped together.
+
+    :meth:`close` stops poise with SIGTERM first and checks that it exited 0 and never
+    logged a traceback (the issue demands one error hierarchy, never a traceback).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.backends: list[Backend] = []
+        self.proxies: list[Poise] = []
+
+    def backend(self, name: str | None = None, **options) -> Backend:
+        b = Backend(name or f"b{len(self.backends) + 1}", **options)
+        self.backends.append(b)
+        return b
+
+    def poise(self, backends: list, **options) -> Poise:
+        addrs = [_address(b) for b in backends]
+        p = Poise(self.workdir, addrs, **options)
+        self.proxies.append(p)
+        return p
+
+    def close(self) -> list[str]:
+        """Stop everything; return problems found (exit codes, tracebacks)."""
+        problems = []
+        for p in self.proxies:
+            try:
+                code = p.returncode if p.returncode is not None else p.stop()
+            except AssertionError as e:
+                problems.append(str(e))
+                continue
+            if code != 0:
+                problems.append(f"{p!r} exited with {code}:\n{p.log()[-3000:]}")
+            if "Traceback" in p.log():
+                problems.append(f"{p!r} logged a traceback:\n{p.log()[-3000:]}")
+        for b in self.backends:
+            b.stop()
+        return problems
