@@ -37,11 +37,12 @@ def parse_config(text: str, fmt: str = "yaml") -> Config:
     data = _parse(text, fmt)
     if not isinstance(data, dict):
         raise ConfigError([("", "the config must be a mapping at the top level")])
+    problems = semantic_errors(data)
     try:
         config = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([(_path(err["loc"]), _message(err)) for err in e.errors()]) from None
-    problems = semantic_errors(config)
+        schema = [(_path(err["loc"]), _message(err)) for err in e.errors()]
+        raise ConfigError(schema + [p for p in problems if p not in schema]) from None
     if problems:
         raise ConfigError(problems)
     return config
@@ -61,10 +62,8 @@ def _path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or "-" in part and not part.isidentifier():
-            continue  # pydantic's union-branch tags such as "function-before[...]"
         else:
-            out += f".{part}" if out else part
+            out += f".{part}" if out else str(part)
     return out
 
 
@@ -77,40 +76,60 @@ def _message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def semantic_errors(config: Config) -> list[tuple[str, str]]:
-    """Cross-field checks that a schema cannot express."""
+def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Cross-field checks a schema cannot express, made on the raw data so that they
+    are reported together with schema errors; malformed parts are skipped (the schema
+    reports those)."""
     errors: list[tuple[str, str]] = []
-    clusters = {}
-    for i, c in enumerate(config.clusters):
-        if c.name in clusters:
-            errors.append((f"clusters[{i}].name", f"duplicate cluster name {c.name!r}"))
-        clusters[c.name] = c
-        errors.extend(_policy_errors(f"clusters[{i}].policy", c.policy))
+    clusters: set[str] = set()
+    for i, c in _items(data, "clusters"):
+        name = c.get("name")
+        if isinstance(name, str):
+            if name in clusters:
+                errors.append((f"clusters[{i}].name", f"duplicate cluster name {name!r}"))
+            clusters.add(name)
+        if "policy" in c:
+            errors.extend(_policy_errors(f"clusters[{i}].policy", c["policy"]))
         seen: set[str] = set()
-        for j, b in enumerate(c.backends):
-            if b.address in seen:
+        for j, b in _items(c, "backends"):
+            address = b.get("address")
+            if isinstance(address, str) and address in seen:
                 errors.append((f"clusters[{i}].backends[{j}].address",
-                               f"duplicate backend {b.address}"))
-            seen.add(b.address)
+                               f"duplicate backend {address}"))
+            seen.add(address)
     names: set[str] = set()
     binds: set[str] = set()
-    for i, lst in enumerate(config.listeners):
-        if lst.name in names:
-            errors.append((f"listeners[{i}].name", f"duplicate listener name {lst.name!r}"))
-        names.add(lst.name)
-        if lst.bind in binds:
-            errors.append((f"listeners[{i}].bind", f"{lst.bind} is bound twice"))
-        binds.add(lst.bind)
-        for j, r in enumerate(lst.routes):
-            if r.cluster not in clusters:
+    for i, lst in _items(data, "listeners"):
+        name, bind = lst.get("name"), lst.get("bind")
+        if isinstance(name, str):
+            if name in names:
+                errors.append((f"listeners[{i}].name", f"duplicate listener name {name!r}"))
+            names.add(name)
+        if isinstance(bind, str):
+            if bind in binds:
+                errors.append((f"listeners[{i}].bind", f"{bind} is bound twice"))
+            binds.add(bind)
+        for j, r in _items(lst, "routes"):
+            cluster = r.get("cluster")
+            if isinstance(cluster, str) and cluster not in clusters:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
-                               f"unknown cluster {r.cluster!r}"))
+                               f"unknown cluster {cluster!r}"))
     return errors
 
 
-def _policy_errors(path: str, policy: str | dict[str, Any]) -> list[tuple[str, str]]:
+def _items(data: Any, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(index, mapping)`` for the mappings in the list ``data[key]``, if any."""
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [(i, item) for i, item in enumerate(items) if isinstance(item, dict)]
+
+
+def _policy_errors(path: str, policy: object) -> list[tuple[str, str]]:
     if isinstance(policy, str):
         name, options = policy, {}
+    elif not isinstance(policy, dict):
+        return []   # the schema reports the wrong type
     else:
         options = dict(policy)
         name = options.pop("type", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator
 
 from poise.config.units import parse_address, parse_duration, parse_size
 
@@ -25,6 +25,19 @@ def _check_address(value: object) -> str:
 Address = Annotated[str, BeforeValidator(_check_address)]
 
 
+def _check_policy(value: object) -> str | dict[str, Any]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return dict(value)
+    raise ValueError("expected a policy name or a mapping {type: NAME, ...options}")
+
+
+# A name, or a mapping {type: NAME, ...options}; names and options are checked against
+# the policy registry in load.semantic_errors.
+PolicySpec = Annotated[str | dict[str, Any], PlainValidator(_check_policy)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,7 +48,7 @@ class Match(Strict):
     host: str | None = None
     path_prefix: str | None = None
     path: str | None = None
-    methods: list[str] | None = None
+    methods: list[str] | None = Field(None, min_length=1)
     headers: dict[str, str] | None = None
 
     @field_validator("path_prefix", "path")
@@ -96,7 +109,7 @@ class Cluster(Strict):
     """A named set of backends and how to talk to them."""
 
     name: str
-    policy: str | dict[str, Any] = "round_robin"
+    policy: PolicySpec = "round_robin"
     backends: list[BackendConfig] = Field(min_length=1)
     connect_timeout: Duration = 2.0
     # From the request being sent until the response head has arrived.

@@ -5,6 +5,7 @@ Plain numbers are seconds (durations) or bytes (sizes).
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
@@ -29,6 +30,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError("expected a duration such as 250ms, 2s or 1m")
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -56,12 +59,14 @@ def parse_address(value: object) -> tuple[str, int]:
     if not isinstance(value, str):
         raise ValueError("expected host:port")
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError("expected host:port")
     if host.startswith("["):
         if not host.endswith("]"):
             raise ValueError("expected host:port")
         host = host[1:-1]
+        if not host:
+            raise ValueError("expected host:port")
     elif ":" in host:
         raise ValueError("expected host:port (write IPv6 as [addr]:port)")
     port_no = int(port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 
 import uvloop
 
@@ -34,11 +35,19 @@ clusters:
 
 async def _demo(host: str, port: int) -> int:
     loop = asyncio.get_running_loop()
-    servers = [await start_backend(name, "127.0.0.1", p, lat, seed=i)
-               for i, (name, p, lat) in enumerate(BACKENDS)]
     config = parse_config(demo_config(f"{host}:{port}"))
     proxy = ProxyServer(config, loop)
-    await proxy.start()
+    servers = []
+    try:
+        for i, (name, p, lat) in enumerate(BACKENDS):
+            servers.append(await start_backend(name, "127.0.0.1", p, lat, seed=i))
+        await proxy.start(reuse_port=False)
+    except OSError as e:
+        print(f"poise demo: cannot bind: {e.strerror or e} (ports 9001-9003 and {port} "
+              f"must be free; choose the balancer's with --bind)", file=sys.stderr)
+        for s in servers:
+            s.close()
+        return 1
     bound_host, bound_port = proxy.addresses[0]
     for name, p, _ in BACKENDS:
         print(f"  demo backend {name:<6} http://127.0.0.1:{p}/")

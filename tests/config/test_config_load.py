@@ -224,6 +224,17 @@ def test_unknown_keys_are_errors_with_their_path(text, path):
     assert errors_of(text) == [(path, "unknown key")]
 
 
+@pytest.mark.parametrize(("text", "path"), [
+    # Dashes instead of underscores are the most likely typo: the key must still be named.
+    (MINIMAL_YAML.replace("    protocol: http\n",
+                          "    protocol: http\n    client-header-timeout: 5s\n"),
+     "listeners[0].client-header-timeout"),
+    ("max-workers: 2\n" + MINIMAL_YAML, "max-workers"),
+])
+def test_unknown_keys_with_dashes_keep_their_path(text, path):
+    assert errors_of(text) == [(path, "unknown key")]
+
+
 def test_unknown_key_in_match():
     text = config(routes="      - cluster: app\n        match: {host: a.com, hots: b.com}\n")
     assert errors_of(text) == [("listeners[0].routes[0].match.hots", "unknown key")]

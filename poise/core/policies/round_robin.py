@@ -77,14 +77,19 @@ class DeadlinePicker:
 
     def __init__(self, backends: tuple[Backend, ...]) -> None:
         self._backends = backends
-        # (deadline, index, step): index breaks ties deterministically.
-        self._heap = [(1.0 / b.weight, i, 1.0 / b.weight) for i, b in enumerate(backends)]
+        # (deadline, index, picks so far).  The deadline is recomputed as
+        # (picks + 1) / weight rather than accumulated: a correctly rounded division
+        # gives equal floats for equal fractions, so ties stay ties and the index
+        # breaks them deterministically; accumulated sums drift apart.
+        self._heap = [(1 / b.weight, i, 0) for i, b in enumerate(backends)]
         heapq.heapify(self._heap)
 
     def pick(self, ctx: Any = None) -> Backend:
-        deadline, i, step = self._heap[0]
-        heapq.heapreplace(self._heap, (deadline + step, i, step))
-        return self._backends[i]
+        _, i, picks = self._heap[0]
+        backend = self._backends[i]
+        picks += 1
+        heapq.heapreplace(self._heap, ((picks + 1) / backend.weight, i, picks))
+        return backend
 
     def candidates(self, ctx: Any = None) -> Iterator[Backend]:
         first = self.pick(ctx)

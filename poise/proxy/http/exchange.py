@@ -1,10 +1,11 @@
 """One request/response exchange, in phase order: route → pick → connect/reuse →
 forward request → relay response → finish.
 
-The client connection creates an Exchange per parsed request head and feeds it body
-bytes; the upstream connection feeds it response events.  Bytes for either side are
-collected in a list and written once per read (``flush_upstream``/``flush_client``),
-so a small request or response goes out in one write.
+An Exchange starts as the request head being parsed (it *is* a
+:class:`~poise.proxy.http.request.RequestHead`), then the client connection feeds it
+body bytes and the upstream connection feeds it response events.  Bytes for either
+side are collected in a list and written once per read (``flush_upstream`` /
+``flush_client``), so a small request or response goes out in one write.
 """
 
 from __future__ import annotations
@@ -13,18 +14,12 @@ from typing import TYPE_CHECKING
 
 from poise.errors import NoRoute, PoiseError, UpstreamProtocolError
 from poise.proxy.http.errors import error_response, status_of
-from poise.proxy.http.headers import (
-    CHUNKED,
-    CRLF,
-    LAST_CHUNK,
-    _STATUS_LINES,
-    chunk,
-    status_line,
-)
+from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
 
 if TYPE_CHECKING:
     from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -40,31 +35,25 @@ _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Exchange:
-    """The life of one request. Created by ClientConnection; driven by both sides."""
+class Exchange(RequestHead):
+    """The life of one request. Created by ClientConnection when a request begins."""
 
     __slots__ = (
-        "client", "method", "target", "http11", "keep_alive", "head", "head_only",
-        "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay", "_replay_size", "_retried",
-        "response_started", "response_head_sent", "until_close", "_chunk_out", "_out",
-        "_body_seen", "finished", "_counted",
+        "client", "cluster", "method", "target", "http11", "keep_alive", "head_only",
+        "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay",
+        "_replay_size", "_retried", "response_started", "response_head_sent",
+        "until_close", "_chunk_out", "_out", "_body_seen", "finished", "_counted",
     )
 
-    def __init__(self, client: ClientConnection, method: bytes, target: bytes, http11: bool,
-                 keep_alive: bool, head: RequestHead) -> None:
+    def __init__(self, client: ClientConnection, max_body: int) -> None:
+        RequestHead.__init__(self, max_body)
         self.client = client
-        self.method = method
-        self.target = target
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.head = head
-        self.head_only = method == b"HEAD"
-        self.request_complete = False
+        self.cluster: ClusterRuntime | None = None
         self.pool: UpstreamPool | None = None
         self.conn: UpstreamConnection | None = None
+        self.request_complete = False
         self._up_out: list[bytes] = []
         self._up_size = 0
-        self._replay: list[bytes] | None = [] if method in IDEMPOTENT else None
         self._replay_size = 0
         self._retried = False
         self.response_started = False     # an upstream byte arrived
@@ -76,22 +65,29 @@ class Exchange:
         self.finished = False
         self._counted = False
 
+    def head_parsed(self, method: bytes, target: bytes, http11: bool, keep_alive: bool) -> None:
+        """The request head is complete (and was checked by ``finish_head``)."""
+        self.method = method
+        self.target = target
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.head_only = method == b"HEAD"
+        # Body bytes kept for a re-send (the head is rebuilt); None: never re-sent.
+        self._replay = [] if method in IDEMPOTENT else None
+
     # -- phase 1: route and pick ---------------------------------------------------------
 
     def start(self) -> None:
-        """Route, pick a backend and attach an upstream connection (or start one)."""
+        """Route, pick a backend and attach an idle upstream connection (or open one)."""
         try:
-            cluster = self.client.site.router.catch_all or self._route()
+            cluster = self.cluster = self.client.site.router.catch_all or self._route()
             pool = self.pool = cluster.choose()
         except PoiseError as e:
             self.respond_error(e)
             return
         pool.stats.in_flight += 1
         self._counted = True
-        if self._up_out:            # body bytes of a pipelined request arrived first
-            self._up_out.insert(0, self._request_head())
-        else:
-            self._up_out.append(self._request_head())
+        self._up_out.insert(0, self._request_head())
         conn = pool.take_idle()
         if conn is not None:
             conn.reused = True
@@ -99,30 +95,41 @@ class Exchange:
         else:
             self.client.loop.create_task(self._connect())
 
-    def _route(self):
-        router = self.client.site.router
-        target = self.target
-        path = target.split(b"?", 1)[0]
-        host = (self.head.host or b"").lower()
+    def _route(self) -> ClusterRuntime:
+        path = self.target.split(b"?", 1)[0]
+        host = (self.host or b"").lower()
         if host.startswith(b"["):
             host = host[: host.find(b"]") + 1]
         else:
             host = host.split(b":", 1)[0]
-        cluster = router.match(self.method, path, host, self.head.pairs())
+        cluster = self.client.site.router.match(self.method, path, host, self.pairs())
         if cluster is None:
-            raise NoRoute(f"no route for {host.decode(errors='replace')}{path.decode(errors='replace')}")
+            raise NoRoute(f"no route for {host.decode(errors='replace')}"
+                          f"{path.decode(errors='replace')}")
         return cluster
 
     # -- phase 2: connection -------------------------------------------------------------
 
     async def _connect(self) -> None:
-        pool = self.pool
-        try:
-            conn = await pool.connect()
-        except PoiseError as e:
-            if not self.finished:
-                self.respond_error(e)
-            return
+        """Open a connection; when connecting fails (nothing was sent yet) try the
+        other ready backends once each before answering with the last error."""
+        tried: list[UpstreamPool] = []
+        while True:
+            pool = self.pool
+            try:
+                conn = await pool.connect()
+                break
+            except PoiseError as e:
+                if self.finished:
+                    return
+                tried.append(pool)
+                nxt = self.cluster.fallback(tried) if e.retryable else None
+                if nxt is None:
+                    self.respond_error(e)
+                    return
+                pool.stats.in_flight -= 1
+                nxt.stats.in_flight += 1
+                self.pool = nxt
         if self.finished:
             pool.release(conn)      # the client went away while we connected
             return
@@ -134,25 +141,27 @@ class Exchange:
         self.conn = conn
         conn.exchange = self
         conn.deadline.set(conn.pool.response_timeout)
+        client = self.client
+        if client.write_paused:
+            conn.pause_reading()
         if self._up_size > BUFFER_LIMIT:
-            self.client.unblock_reading(BUFFERING)
+            client.unblock_reading(BUFFERING)
 
     # -- phase 3: forward the request ----------------------------------------------------
 
     def _request_head(self) -> bytes:
-        head = self.head
-        client = self.client
-        site = client.site
+        site = self.client.site
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        parts += head.fields
-        if head.host is None:
+        parts += self.fields
+        if self.host is None:
             parts.append(b"host: " + self.pool.backend.address.encode() + CRLF)
         if site.forwarded_headers:
-            xff = client.peer_ip if head.xff is None else head.xff + b", " + client.peer_ip
-            parts += (b"x-forwarded-for: ", xff, CRLF, site.xfp)
-            if head.host is not None:
-                parts += (b"x-forwarded-host: ", head.host, CRLF)
-        if head.chunked:
+            peer = self.client.peer_ip
+            parts += (b"x-forwarded-for: ", peer if self.xff is None else self.xff + b", " + peer,
+                      CRLF, site.xfp)
+            if self.host is not None:
+                parts += (b"x-forwarded-host: ", self.host, CRLF)
+        if self.chunked:
             parts.append(CHUNKED)
         parts.append(CRLF)
         return b"".join(parts)
@@ -160,20 +169,28 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         """Body bytes from the client (de-chunked); re-framed for the backend."""
         self._body_seen += len(data)
-        if self.head.chunked:
-            if self._body_seen > self.client.site.max_request_body:
-                self.client.reject_body(self, "chunked body exceeds max_request_body")
+        if self.chunked:
+            if self._body_seen > self.max_body:
+                self.client.reject_body("chunked body exceeds max_request_body")
                 return
             data = chunk(data)
         self._up_out.append(data)
         self._up_size += len(data)
+        replay = self._replay
+        if replay is not None:
+            replay.append(data)
+            self._replay_size += len(data)
+            if self._replay_size > REPLAY_LIMIT:
+                self._replay = None
         if self.conn is None and self._up_size > BUFFER_LIMIT:
             self.client.block_reading(BUFFERING)
 
     def request_done(self) -> None:
         self.request_complete = True
-        if self.head.chunked:
+        if self.chunked:
             self._up_out.append(LAST_CHUNK)
+            if self._replay is not None:
+                self._replay.append(LAST_CHUNK)
 
     def flush_upstream(self) -> None:
         """Write what the client sent since the last flush, if a connection is attached."""
@@ -181,16 +198,9 @@ class Exchange:
         out = self._up_out
         if conn is None or not out:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         self._up_size = 0
-        replay = self._replay
-        if replay is not None:
-            replay.append(data)
-            self._replay_size += len(data)
-            if self._replay_size > REPLAY_LIMIT:
-                self._replay = None
-        conn.transport.write(data)
 
     # -- phase 4: relay the response -----------------------------------------------------
 
@@ -200,7 +210,7 @@ class Exchange:
             conn.close()
             self.upstream_failed(conn, UpstreamProtocolError("unexpected 101 from backend"))
         elif status == 100:
-            if self.head.expect_continue and not self.response_head_sent:
+            if self.expect_continue and not self.response_head_sent:
                 self._out.append(_CONTINUE)
         elif self.http11:
             self._out.append(status_line(status) + b"".join(fields) + CRLF)
@@ -209,7 +219,9 @@ class Exchange:
                          chunked: bool) -> None:
         """The backend's final response head; ``fields`` are its end-to-end header
         lines (flat name, ": ", value, CRLF groups)."""
-        close = not self.keep_alive or not self.request_complete or self.client.draining
+        client = self.client
+        close = (not self.keep_alive or not self.request_complete
+                 or (client.draining and not client.queue))
         if not has_length and not (self.head_only or status == 204 or status == 304):
             self.until_close = not chunked
             if self.http11:
@@ -223,7 +235,7 @@ class Exchange:
         elif not self.http11:
             fields.append(_KEEP_ALIVE)
         fields.append(CRLF)
-        self._out.append((_STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
+        self._out.append((STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
         self.response_head_sent = True
 
     def flush_client(self) -> None:
@@ -237,7 +249,7 @@ class Exchange:
     # -- phase 5: finish ------------------------------------------------------------------
 
     def on_response_complete(self, conn: UpstreamConnection) -> None:
-        """The backend's response is complete; recycle the connection, finish."""
+        """The backend's response is complete: flush, recycle the connection, finish."""
         if self._chunk_out:
             self._out.append(LAST_CHUNK)
         self.flush_client()
@@ -249,8 +261,10 @@ class Exchange:
         self._finish()
 
     def respond_error(self, error: BaseException) -> None:
-        """Answer with the status for ``error`` (before any response byte was sent)."""
-        close = not self.keep_alive or not self.request_complete
+        """Answer with the status for ``error`` (before any response byte was sent).
+        The connection stays open unless body bytes we did not read may follow."""
+        body_pending = not self.request_complete and (self.content_length > 0 or self.chunked)
+        close = not self.keep_alive or body_pending
         self.keep_alive = not close
         self._out.append(error_response(status_of(error), close, self.head_only))
         self.response_head_sent = True
@@ -261,12 +275,10 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self._counted:
-            self._counted = False
-            self.pool.stats.in_flight -= 1
+        self._uncount()
         self.client.exchange_done(self)
 
-    def _detach_stats(self) -> None:
+    def _uncount(self) -> None:
         if self._counted:
             self._counted = False
             self.pool.stats.in_flight -= 1
@@ -280,9 +292,10 @@ class Exchange:
                 and self._replay is not None and not self.finished):
             self._retried = True
             self.conn = None
-            self._up_out[:0] = self._replay
-            self._replay = []
-            self._replay_size = 0
+            # Everything sent so far, again: the head, then the body bytes seen (some
+            # may still wait in _up_out, which follows them).
+            self._up_out[:0] = [self._request_head(), *self._replay]
+            self._replay = None     # never a third attempt
             self.client.loop.create_task(self._connect())
             return
         self.upstream_failed(conn, error)
@@ -296,7 +309,7 @@ class Exchange:
             return
         if self.response_head_sent:
             self.finished = True    # truncated response: the client must see a close
-            self._detach_stats()
+            self._uncount()
             self.client.abort()
             return
         self._out.clear()
@@ -307,12 +320,13 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._detach_stats()
+        self._uncount()
         conn = self.conn
         if conn is not None:
             self.conn = None
             conn.abort()
 
     def __repr__(self) -> str:
-        return (f"<Exchange {self.method.decode()} {self.target[:60].decode(errors='replace')}"
-                f" upstream={self.conn!r} done={self.finished}>")
+        method = getattr(self, "method", b"?").decode()
+        target = getattr(self, "target", b"?")[:60].decode(errors="replace")
+        return f"<Exchange {method} {target} upstream={self.conn!r} done={self.finished}>"

@@ -81,13 +81,13 @@ _REASONS = {
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
-_STATUS_LINES: dict[int, bytes] = {}
+STATUS_LINES: dict[int, bytes] = {}
 
 
 def status_line(code: int) -> bytes:
     """``HTTP/1.1 <code> <reason>\\r\\n``, cached per code."""
-    line = _STATUS_LINES.get(code)
+    line = STATUS_LINES.get(code)
     if line is None:
         line = b"HTTP/1.1 %d %b\r\n" % (code, _REASONS.get(code, b"Status"))
-        _STATUS_LINES[code] = line
+        STATUS_LINES[code] = line
     return line

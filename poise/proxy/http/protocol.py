@@ -27,11 +27,13 @@ from poise.errors import (
 from poise.proxy.deadline import Deadline
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
-from poise.proxy.http.request import RequestHead
+from poise.proxy.http.upstream import UPSTREAM_FULL
 
 if TYPE_CHECKING:
     from poise.proxy.http.site import Site
 
+# Seconds a closing connection keeps discarding what the client still sends.
+LINGER = 2.0
 # Reasons to stop reading from the client (bit flags).
 PIPELINED = 2       # a complete request waits behind the one being served
 CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream flags
@@ -50,15 +52,14 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.draining = False
-        self._parsing: Exchange | None = None   # the request whose body is being read
+        self._parsing: Exchange | None = None   # the request whose head/body is being read
         self._blocked = 0
         self.closed = False
         self._failed: PoiseError | None = None  # a parse error waiting its turn to answer
-        self._write_paused = False
+        self.write_paused = False
         # request head being parsed
         self._in_head = False
         self._url = b""
-        self._head: RequestHead | None = None
         self._header_count = 0
         self._header_bytes = 0
         self._head_buf: bytearray | None = None
@@ -90,8 +91,10 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
 
     def eof_received(self) -> bool:
-        # A half-closed client still gets the responses to what it sent.
-        if self.current is None and not self.queue:
+        # A half-closed client still gets the responses to complete requests it sent;
+        # a request cut off mid-head or mid-body can never complete.
+        if (self.current is None and not self.queue) or self._in_head \
+                or self._parsing is not None:
             return False
         self.draining = True
         return True
@@ -120,23 +123,23 @@ class ClientConnection(asyncio.Protocol):
             cur.flush_upstream()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         cur = self.current
         if cur is not None and cur.conn is not None:
-            cur.conn.transport.pause_reading()
+            cur.conn.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         cur = self.current
         if cur is not None and cur.conn is not None:
-            cur.conn.transport.resume_reading()
+            cur.conn.resume_reading()
 
     # -- parser callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
         self._url = b""
-        self._head = RequestHead(self.site.max_request_body)
+        self._parsing = Exchange(self, self.site.max_request_body)
         self._header_count = 0
         self._header_bytes = 0
         if self._idle:              # the idle deadline ends; a head deadline may start
@@ -156,7 +159,7 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
         if self._header_count > site.max_headers:
             raise HeadersTooLarge(f"more than {site.max_headers} headers")
-        self._head.add(name, value)
+        self._parsing.add(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -174,18 +177,17 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._check_request_line(buf, method, version)
         http11 = version == "1.1"
-        head = self._head
-        head.finish(http11)
+        ex = self._parsing
+        ex.finish_head(http11)
+        if method == b"CONNECT":
+            raise BadRequest("CONNECT is not supported")
+        if ex.upgrade and (ex.content_length > 0 or ex.chunked):
+            # llhttp would read the body as upgraded-protocol bytes: refuse, don't guess
+            raise BadRequest("an Upgrade request with a body is ambiguous")
         target = self._url
-        if parser.should_upgrade():
-            if method == b"CONNECT":
-                raise BadRequest("CONNECT is not supported")
-            if head.content_length > 0 or head.chunked:
-                raise BadRequest("an Upgrade request with a body is ambiguous")
         if target[:1] != b"/":
-            target = _origin_form(target, head, method)
-        ex = Exchange(self, method, target, http11, parser.should_keep_alive(), head)
-        self._parsing = ex
+            target = _origin_form(target, ex, method)
+        ex.head_parsed(method, target, http11, parser.should_keep_alive())
         if self.current is None:
             self.current = ex
             ex.start()
@@ -256,8 +258,13 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         if self._parsing is ex:
             self._parsing = None
+        if self._blocked & UPSTREAM_FULL:
+            self.unblock_reading(UPSTREAM_FULL)
         if not ex.keep_alive or self.closed:
-            self._close()
+            if ex.request_complete:
+                self._close()
+            else:
+                self._linger()      # the rest of its body may still be arriving
             return
         if self.queue:
             nxt = self.queue.popleft()
@@ -274,7 +281,7 @@ class ClientConnection(asyncio.Protocol):
             self._idle = True
             self.deadline.set(self.site.idle_timeout)
 
-    def reject_body(self, ex: Exchange, reason: str) -> None:
+    def reject_body(self, reason: str) -> None:
         from poise.errors import PayloadTooLarge
         self._parse_failed(PayloadTooLarge(reason))
 
@@ -288,7 +295,8 @@ class ClientConnection(asyncio.Protocol):
         self._failed = error
         self.block_reading(PIPELINED)
         if broken is not None and broken is not self.current:
-            self.queue.remove(broken)
+            if broken in self.queue:
+                self.queue.remove(broken)
             broken.abandon()
         cur = self.current
         if cur is None:
@@ -305,13 +313,34 @@ class ClientConnection(asyncio.Protocol):
 
     def _answer_and_close(self, error: PoiseError) -> None:
         self._write(error_response(status_of(error), close=True))
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after our answer without resetting a client that is still sending:
+        send FIN, then read and discard for up to LINGER seconds (as nginx's
+        lingering_close), so the client reads our answer instead of a reset."""
+        if self.closed:
+            return
+        self.closed = True
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._blocked = 0
+        transport.resume_reading()
+        self.deadline.set(LINGER)
 
     def _timed_out(self) -> None:
-        if self._idle or self.closed:
+        if self.closed:             # the end of a lingering close
+            self.transport.close()
+            return
+        if self._idle:
             self._close()
-        elif self.current is None and not self.queue:
-            self._answer_and_close(RequestTimeout())
+        elif self._in_head or (self.current is None and not self.queue):
+            # Answered in turn if an earlier pipelined request is still in flight.
+            self._parse_failed(RequestTimeout(
+                f"request head not received within {self.site.header_timeout:g}s"))
 
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, then close."""

@@ -22,10 +22,14 @@ _WATCH_FIRST = frozenset(name[0] for name in _SPECIAL)
 
 class RequestHead:
     """Accumulates one request head: forwardable fields (flat ``name, ": ", value,
-    CRLF`` groups, hop-by-hop and X-Forwarded-* removed) and the facts the proxy needs."""
+    CRLF`` groups, hop-by-hop and X-Forwarded-* removed) and the facts the proxy needs.
+
+    The base of :class:`~poise.proxy.http.exchange.Exchange`: a request's exchange
+    starts life as its head being parsed.
+    """
 
     __slots__ = ("fields", "host", "content_length", "chunked", "te", "expect_continue",
-                 "xff", "connection", "max_body")
+                 "xff", "connection", "upgrade", "max_body")
 
     def __init__(self, max_body: int) -> None:
         self.fields: list[bytes] = []
@@ -36,6 +40,7 @@ class RequestHead:
         self.expect_continue = False
         self.xff: bytes | None = None
         self.connection: list[bytes] | None = None
+        self.upgrade = False
         self.max_body = max_body
 
     def add(self, name: bytes, value: bytes) -> None:
@@ -71,9 +76,11 @@ class RequestHead:
             self.xff = value if self.xff is None else self.xff + b", " + value
         elif low == b"connection":
             self.connection = (self.connection or []) + [value]
+        elif low == b"upgrade":
+            self.upgrade = True
         # other hop-by-hop and X-Forwarded-Proto/-Host: dropped, poise sets its own
 
-    def finish(self, http11: bool) -> None:
+    def finish_head(self, http11: bool) -> None:
         """Checks that need the whole head. Raises BadRequest."""
         if not http11:
             if self.te:

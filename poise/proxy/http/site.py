@@ -49,6 +49,15 @@ class ClusterRuntime:
                 return self._pool_of[id(backend)]
         raise NoBackendAvailable(f"cluster {self.name}: no backend available")
 
+    def fallback(self, tried: list[UpstreamPool]) -> UpstreamPool | None:
+        """The next ready backend's pool that is not in ``tried``, or None."""
+        snapshot = self.snapshot
+        for backend in self.picker.candidates():
+            pool = self._pool_of[id(backend)]
+            if pool not in tried and snapshot.ready(backend):
+                return pool
+        return None
+
     def __repr__(self) -> str:
         return f"<ClusterRuntime {self.name} {self.snapshot!r}>"
 

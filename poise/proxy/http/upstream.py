@@ -83,6 +83,8 @@ class UpstreamPool:
         if not conn.usable or len(self.idle) >= self.max_idle:
             conn.close()
             return
+        if conn.reading_paused:     # an idle connection must read, to notice a close
+            conn.resume_reading()
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
 
@@ -111,6 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.usable = False
         self.reused = False
+        self.reading_paused = False
         self.idle_since = 0.0
         self.deadline = Deadline(pool.loop, self._timed_out)
         self._fields: list[bytes] = []    # name, ": ", value, CRLF — hop-by-hop dropped
@@ -160,7 +163,8 @@ class UpstreamConnection(asyncio.Protocol):
         ex.response_started = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            # (HttpParserUpgrade: a 101, which on_informational already refused.)
             self.usable = False
             if not self._done:
                 self.close()
@@ -170,6 +174,18 @@ class UpstreamConnection(asyncio.Protocol):
             self._response_done(ex)     # flushes too
         else:
             ex.flush_client()
+
+    def pause_reading(self) -> None:
+        """The client cannot take more of the response: stop reading it."""
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         ex = self.exchange
