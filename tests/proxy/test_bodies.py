@@ -50,6 +50,24 @@ def test_chunked_request_body_is_forwarded_intact(proxy, sizes):
         assert c.get("/echo").status == 200
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_large_body_sent_before_the_upstream_connection_exists(stack, chunked):
+    # No pooling: every request waits for a fresh connect while its body streams in.
+    b = stack.backend()
+    px = stack.poise([b], cluster={"keepalive_max_idle": 0})
+    body = pattern.prefix(5_000_000)
+    with connect(px.addr) as s:
+        for _ in range(3):
+            if chunked:
+                s.sendall(b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+            else:
+                s.sendall(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b"
+                          % (len(body), body))
+            r = RawReader(s).read_response()
+            assert r.json() == {"received": len(body), "pattern_ok": True}
+
+
 def test_chunked_request_with_extensions_and_trailers(proxy):
     px, _ = proxy
     with connect(px.addr) as s:
@@ -124,6 +142,7 @@ def test_head_response_has_no_body_and_connection_stays_usable(proxy, target):
     with H11Client(px.addr, timeout=5) as c:
         for _ in range(3):
             r = c.request("HEAD", target)
+            assert r.status == (404 if "404" in target else 200)
             assert r.body == b""
             if "te=cl" in target:
                 assert r.header("content-length") == "5000"

@@ -36,6 +36,15 @@ def test_request_target_and_method_are_forwarded_unchanged(proxy):
     assert seen["target"] == "/echo/a%20b/../c?q=1&q=2#"
 
 
+def test_absolute_form_target_becomes_origin_form_with_its_host(proxy):
+    px, _ = proxy
+    with connect(px.addr) as s:
+        s.sendall(b"GET http://abs.example:81/echo/p?q=1 HTTP/1.1\r\nHost: ignored.example\r\n\r\n")
+        seen = RawReader(s).read_response().json()
+    assert seen["target"] == "/echo/p?q=1"
+    assert echo_headers(seen, "host") == ["abs.example:81"]
+
+
 def test_x_forwarded_for_is_set_to_the_client_ip(proxy):
     seen = echo(proxy)
     assert echo_headers(seen, "x-forwarded-for") == ["127.0.0.1"]
@@ -62,11 +71,13 @@ def test_x_forwarded_proto_and_host_are_set_by_the_proxy(proxy):
 
 
 def test_end_to_end_request_headers_pass_unchanged(proxy):
-    sent = [("X-Custom", "a,b ;c"), ("Accept", "*/*"), ("X-Custom", "second"),
-            ("Cookie", "a=1; b=2")]
+    # names keep their case, values their bytes, repeated headers their order
+    sent = [("X-Custom", "a,b ;c"), ("accept", "*/*"), ("X-CUSTOM", "second"),
+            ("Cookie", "a=1; b=2"), ("X-Tab", "a\tb"), ("X-Latin1", b"caf\xe9")]
     seen = echo(proxy, sent)
-    got = [(n.lower(), v) for n, v in seen["headers"] if n.lower() in ("x-custom", "accept", "cookie")]
-    assert got == [(n.lower(), v) for n, v in sent]
+    keep = {"x-custom", "accept", "cookie", "x-tab", "x-latin1"}
+    got = [(n, v) for n, v in seen["headers"] if n.lower() in keep]
+    assert got == [(n, v.decode("latin-1") if isinstance(v, bytes) else v) for n, v in sent]
 
 
 def test_hop_by_hop_request_headers_are_removed(proxy):
@@ -140,3 +151,30 @@ def test_hop_by_hop_response_headers_are_removed(proxy):
         assert r.header("content-length") == "4"
         assert c.reusable
         assert c.get("/echo").status == 200
+
+
+def test_1xx_informational_responses_are_forwarded_to_http11_clients(proxy):
+    px, _ = proxy
+    with H11Client(px.addr) as c:
+        r = c.get("/early")
+        assert r.informational == [103]
+        assert r.status == 200 and c.reusable
+
+
+def test_1xx_informational_responses_are_not_sent_to_http10_clients(proxy):
+    px, _ = proxy
+    with connect(px.addr) as s:
+        s.sendall(b"GET /early HTTP/1.0\r\n\r\n")
+        r = RawReader(s).read_response()
+    assert r.status == 200 and r.informational == []
+
+
+def test_forwarded_headers_can_be_turned_off(stack):
+    b = stack.backend()
+    px = stack.poise([b], listener={"forwarded_headers": False})
+    with H11Client(px.addr) as c:
+        seen = c.get("/echo", [("Host", "h.example"), ("X-Forwarded-For", "203.0.113.7")]).json()
+    assert echo_headers(seen, "host") == ["h.example"]
+    assert not echo_headers(seen, "x-forwarded-proto")
+    assert not echo_headers(seen, "x-forwarded-host")
+    assert echo_headers(seen, "x-forwarded-for") in ([], ["203.0.113.7"])

@@ -36,6 +36,18 @@ def test_http11_connection_close_is_honoured(proxy):
         assert is_closed(s, CLOSE_WAIT), "the proxy must close after answering Connection: close"
 
 
+def test_requests_pipelined_after_connection_close_are_not_served(proxy):
+    px, backend = proxy
+    backend.reset()
+    with connect(px.addr) as s:
+        s.sendall(b"GET /echo?a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                  b"GET /echo?b HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = RawReader(s)
+        assert reader.read_response().json()["target"] == "/echo?a"
+        assert reader.eof or is_closed(s, CLOSE_WAIT)
+    assert backend.targets() == ["/echo?a"]
+
+
 def test_http10_without_keep_alive_is_closed_after_the_response(proxy):
     px, _ = proxy
     with connect(px.addr) as s:

@@ -68,14 +68,25 @@ def _growth(px, base: int, peak: int) -> str:
 
 
 @pytest.mark.slow
-def test_1gib_upload_streams_with_bounded_memory(proxy):
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_1gib_upload_streams_with_bounded_memory(proxy, framing):
     px = proxy
     base = px.rss()
     with RssSampler(px) as rss, connect(px.addr, timeout=60) as s:
         _tune(s)
-        s.sendall(b"POST /sink HTTP/1.1\r\nHost: big.example\r\nContent-Length: %d\r\n\r\n" % GIB)
-        for part in pattern.chunks(GIB, MIB):
-            s.sendall(part)
+        if framing == "chunked":
+            s.sendall(b"POST /sink HTTP/1.1\r\nHost: big.example\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            for part in pattern.chunks(GIB, MIB):
+                s.sendall(b"%x\r\n" % len(part))
+                s.sendall(part)
+                s.sendall(b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        else:
+            s.sendall(b"POST /sink HTTP/1.1\r\nHost: big.example\r\nContent-Length: %d\r\n\r\n"
+                      % GIB)
+            for part in pattern.chunks(GIB, MIB):
+                s.sendall(part)
         r = RawReader(s).read_response()
     assert r.status == 200
     assert r.json() == {"received": GIB, "pattern_ok": True}
@@ -83,25 +94,35 @@ def test_1gib_upload_streams_with_bounded_memory(proxy):
 
 
 @pytest.mark.slow
-def test_1gib_download_streams_with_bounded_memory(proxy):
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_1gib_download_streams_with_bounded_memory(proxy, framing):
     px = proxy
     base = px.rss()
+    te = "cl" if framing == "content-length" else "chunked"
+    received = 0
     with RssSampler(px) as rss, connect(px.addr, timeout=60) as s:
         _tune(s)
-        s.sendall(b"GET /bytes/%d?te=cl&piece=%d HTTP/1.1\r\nHost: big.example\r\n\r\n"
-                  % (GIB, MIB))
+        s.sendall(b"GET /bytes/%d?te=%b&piece=%d HTTP/1.1\r\nHost: big.example\r\n\r\n"
+                  % (GIB, te.encode(), MIB))
         reader = RawReader(s)
         head = reader.read_head()
-        assert head.status == 200 and head.header("content-length") == str(GIB)
-        received = len(reader.buf)
-        assert pattern.matches(0, reader.buf)
-        buf = bytearray(BUF)
-        view = memoryview(buf)
-        while received < GIB:
-            n = s.recv_into(buf)
-            assert n, f"connection closed after {received} of {GIB} bytes"
-            assert pattern.matches(received, view[:n]), f"corrupt data at offset {received}"
-            received += n
+        assert head.status == 200
+        if te == "chunked":
+            assert head.header("transfer-encoding") == "chunked"
+            for data in reader.iter_chunked():
+                assert pattern.matches(received, data), f"corrupt data at offset {received}"
+                received += len(data)
+        else:
+            assert head.header("content-length") == str(GIB)
+            received = len(reader.buf)
+            assert pattern.matches(0, reader.buf)
+            buf = bytearray(BUF)
+            view = memoryview(buf)
+            while received < GIB:
+                n = s.recv_into(buf)
+                assert n, f"connection closed after {received} of {GIB} bytes"
+                assert pattern.matches(received, view[:n]), f"corrupt data at offset {received}"
+                received += n
     assert received == GIB
     assert rss.peak - base < RSS_BUDGET, _growth(px, base, rss.peak)
 
@@ -133,7 +154,7 @@ def test_stalled_backend_makes_the_proxy_stop_reading_the_client(proxy):
     base = px.rss()
     sent = 0
     with RssSampler(px) as rss, connect(px.addr, timeout=60) as s:
-        s.sendall(b"POST /stall?delay=30 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % GIB)
+        s.sendall(b"POST /stall?delay=3 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % GIB)
         s.settimeout(2.0)
         try:
             for part in pattern.chunks(GIB, MIB):

@@ -294,3 +294,21 @@ class RawReader:
                 return bytes(body)
             body += self._exactly(size)
             assert self._exactly(2) == b"\r\n", "chunk not followed by CRLF"
+
+    def iter_chunked(self):
+        """Stream a chunked body (after :meth:`read_head`): yield its data in pieces,
+        checking the framing, without holding the body."""
+        while True:
+            size = int(self._line().split(b";")[0], 16)
+            if size == 0:
+                while self._line():   # trailers
+                    pass
+                return
+            while size:
+                if not self.buf:
+                    self._fill()
+                take = min(size, len(self.buf))
+                yield bytes(self.buf[:take])
+                del self.buf[:take]
+                size -= take
+            assert self._exactly(2) == b"\r\n", "chunk not followed by CRLF"

@@ -9,12 +9,13 @@ It prints ``READY <port>`` once listening.  One thread per connection; keep-aliv
 h11 decides.  Behaviour is chosen by path (query options after ``?``):
 
 ``/echo`` (and any unknown path)  JSON: method, target, version, headers (raw case,
-    in order), body length, sha256 and (when short) the body itself, backend name.
+    in order), body length, sha256 and (when short) the body itself, backend name;
+    ``?close=1`` answers with ``Connection: close`` and closes.
 ``/bytes/N?te=cl|chunked|close&piece=K``  N bytes of :mod:`tests.support.pattern`,
     written in pieces of K bytes; ``close`` sends no framing and closes after the body.
 ``/sink``  consume the request body, verify it against the pattern; JSON result.
 ``/status/N?cl=X``  status N (``cl`` adds a Content-Length header to a 304).
-``/slow?delay=S``  echo after S seconds.        ``/never``  read, never answer.
+``/slow?delay=S``  echo after S seconds.   ``/early``  103 Early Hints, then echo.        ``/never``  read, never answer.
 ``/stall?delay=S``  neither read the body nor answer for S seconds (back-pressure).
 ``/close``  close without answering.           ``/reset``  RST without answering.
 ``/malformed?kind=K``  a malformed response (see ``MALFORMED``), then wait for close.
@@ -51,8 +52,13 @@ MALFORMED = {
     "bad-header": b"HTTP/1.1 200 OK\r\nBad Header Line\r\nContent-Length: 2\r\n\r\nok",
     "cl-te": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
               b"5\r\nhello\r\n0\r\n\r\n"),
-    # the head is fine; the body framing breaks after the client has seen the head
+    # we never forward Upgrade, so a 101 is a protocol error
+    "101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    # the head is fine, the body framing breaks: at once, or after a pause (by then the
+    # proxy has forwarded the head)
     "chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    "chunk-late": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                   b"zz\r\n"),
 }
 INTERNAL = ("/_stats", "/_reset")
 
@@ -102,6 +108,7 @@ class Connection:
         self.cid = cid
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)
         self.index = 0
+        self.head = False       # the current request is HEAD
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -150,8 +157,9 @@ class Connection:
                 raise Closed()
 
     def respond(self, status: int, headers: list, body: bytes = b"") -> None:
+        """A complete response; its body is left out when answering HEAD."""
         events = [h11.Response(status_code=status, headers=headers)]
-        if body:
+        if body and not self.head:
             events.append(h11.Data(data=body))
         self.send(*events, h11.EndOfMessage())
 
@@ -172,6 +180,7 @@ class Connection:
         if not isinstance(req, h11.Request):
             raise Closed()
         self.sock.settimeout(None)
+        self.head = req.method == b"HEAD"
         target = req.target.decode("latin-1")
         url = urlsplit(target)
         path = url.path
@@ -200,9 +209,6 @@ class Connection:
         self.respond(status, [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body))), *(extra or [])], body)
 
-    def is_head(self, req: h11.Request) -> bool:
-        return req.method == b"HEAD"
-
     # -- behaviours ------------------------------------------------------------------------
 
     def do_echo(self, req: h11.Request, path: str, query: dict) -> None:
@@ -218,7 +224,13 @@ class Connection:
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "body": body.decode("latin-1") if len(body) <= 4096 else None,
             "conn": self.cid,
-        }, extra=[("X-Backend", self.server.name)])
+        }, extra=[("X-Backend", self.server.name)]
+            + ([("Connection", "close")] if "close" in query else []))
+
+    def do_early(self, req: h11.Request, path: str, query: dict) -> None:
+        self.send(h11.InformationalResponse(status_code=103, headers=[
+            ("Link", "</style.css>; rel=preload; as=style")]))
+        self.do_echo(req, path, query)
 
     def do_slow(self, req: h11.Request, path: str, query: dict) -> None:
         time.sleep(float(query.get("delay", "1")))
@@ -232,7 +244,7 @@ class Connection:
         if te == "close":
             self.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                               b"X-Backend: " + self.server.name.encode() + b"\r\n\r\n")
-            if not self.is_head(req):
+            if not self.head:
                 for part in pattern.chunks(total, size):
                     self.sock.sendall(part)
             self.sock.shutdown(socket.SHUT_WR)
@@ -241,7 +253,7 @@ class Connection:
         self.send(h11.Response(status_code=200, headers=[
             ("Content-Type", "application/octet-stream"), framing,
             ("X-Backend", self.server.name)]))
-        if not self.is_head(req):
+        if not self.head:
             for part in pattern.chunks(total, size):
                 self.sock.sendall(self.h11.send(h11.Data(data=part)))
         self.send(h11.EndOfMessage())
@@ -272,7 +284,7 @@ class Connection:
             return
         body = b"status %d\n" % status
         self.respond(status, headers + [("Content-Length", str(len(body)))],
-                     b"" if self.is_head(req) else body)
+                     b"" if self.head else body)
 
     def do_hop(self, req: h11.Request, path: str, query: dict) -> None:
         self.read_body(req)
@@ -307,7 +319,11 @@ class Connection:
 
     def do_malformed(self, req: h11.Request, path: str, query: dict) -> None:
         self.read_body(req)
-        self.sock.sendall(MALFORMED[query.get("kind", "garbage")])
+        parts = MALFORMED[query.get("kind", "garbage")]
+        for i, part in enumerate((parts,) if isinstance(parts, bytes) else parts):
+            if i:
+                time.sleep(0.3)
+            self.sock.sendall(part)
         self.wait_for_close()
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where `python -m poise` runs from (its poise/ package wins): this checkout, unless
+# POISE_SRC names another tree (e.g. an exported commit, to test a fixed revision).
+POISE_SRC = Path(os.environ.get("POISE_SRC") or ROOT)
 LOOPBACK = "127.0.0.1"
 
 
@@ -28,6 +31,46 @@ def free_port() -> int:
 def refused_address() -> str:
     """A loopback address where nothing listens (connects are refused)."""
     return f"{LOOPBACK}:{free_port()}"
+
+
+class Blackhole:
+    """A loopback address whose connects hang: a listener with a full accept queue
+    (backlog 0, already filled, never accepting).  Linux drops further SYNs, so a
+    connect neither succeeds nor fails until the caller's timeout."""
+
+    def __init__(self, fill: int = 4) -> None:
+        self.listener = socket.socket()
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(0)
+        host, port = self.listener.getsockname()
+        self.address = f"{host}:{port}"
+        self.fillers = []
+        for _ in range(fill):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(self.listener.getsockname())
+            except BlockingIOError:
+                pass
+            self.fillers.append(s)
+        time.sleep(0.05)
+
+    def hangs(self, timeout: float = 0.5) -> bool:
+        """Check that a connect here really hangs on this kernel."""
+        with socket.socket() as s:
+            s.settimeout(timeout)
+            try:
+                s.connect(self.listener.getsockname())
+            except TimeoutError:
+                return True
+            except OSError:
+                return False
+            return False
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.listener.close()
 
 
 class Backend:
@@ -85,9 +128,11 @@ class Backend:
 
 
 def make_config(backends: list, port: int, listener: dict | None = None,
-                cluster: dict | None = None, **top) -> dict:
-    """A one-listener, one-cluster config. ``backends`` holds addresses or
-    ``(address, weight)`` pairs; ``listener``/``cluster``/``top`` add or override fields."""
+                cluster: dict | None = None, extra_clusters: list[dict] | None = None,
+                **top) -> dict:
+    """A one-listener config whose cluster ``app`` holds ``backends`` (addresses or
+    ``(address, weight)`` pairs); ``listener``/``cluster``/``top`` add or override
+    fields, ``extra_clusters`` are appended as given."""
     members = []
     for b in backends:
         if isinstance(b, tuple):
@@ -100,7 +145,7 @@ def make_config(backends: list, port: int, listener: dict | None = None,
         "listeners": [{"name": "web", "bind": f"{LOOPBACK}:{port}", "protocol": "http",
                        "routes": [{"cluster": "app"}], **(listener or {})}],
         "clusters": [{"name": "app", "policy": "round_robin", "backends": members,
-                      **(cluster or {})}],
+                      **(cluster or {})}, *(extra_clusters or [])],
     }
 
 
@@ -108,9 +153,10 @@ class Poise:
     """``python -m poise run CONFIG`` on a free loopback port, config written as YAML."""
 
     def __init__(self, workdir: Path, backends: list, *, listener: dict | None = None,
-                 cluster: dict | None = None, **top) -> None:
+                 cluster: dict | None = None, extra_clusters: list[dict] | None = None,
+                 **top) -> None:
         self.workdir = Path(workdir)
-        self.spec = (backends, listener, cluster, top)
+        self.spec = (backends, listener, cluster, dict(top, extra_clusters=extra_clusters))
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
         for attempt in range(3):
@@ -129,7 +175,7 @@ class Poise:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "poise", "run", str(self.config_path)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                cwd=POISE_SRC, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -41,7 +41,7 @@ class Exchange(RequestHead):
     __slots__ = (
         "client", "cluster", "method", "target", "http11", "keep_alive", "head_only",
         "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay",
-        "_replay_size", "_retried", "response_started", "response_head_sent",
+        "_replay_size", "_retried", "response_started", "response_head_sent", "_wrote_client",
         "until_close", "_chunk_out", "_out", "_body_seen", "finished", "_counted",
     )
 
@@ -57,7 +57,8 @@ class Exchange(RequestHead):
         self._replay_size = 0
         self._retried = False
         self.response_started = False     # an upstream byte arrived
-        self.response_head_sent = False   # the client has been sent a response head
+        self.response_head_sent = False   # a response head is queued or sent
+        self._wrote_client = False        # response bytes actually went to the client
         self.until_close = False
         self._chunk_out = False
         self._out: list[bytes] = []
@@ -244,6 +245,7 @@ class Exchange(RequestHead):
             client = self.client
             if not client.closed:
                 client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self._wrote_client = True
             out.clear()
 
     # -- phase 5: finish ------------------------------------------------------------------
@@ -307,7 +309,7 @@ class Exchange(RequestHead):
         self.conn = None
         if self.finished:
             return
-        if self.response_head_sent:
+        if self._wrote_client:
             self.finished = True    # truncated response: the client must see a close
             self._uncount()
             self.client.abort()

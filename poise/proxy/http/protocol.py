@@ -25,6 +25,7 @@ from poise.errors import (
     VersionNotSupported,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.upstream import UPSTREAM_FULL
@@ -62,9 +63,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._header_count = 0
         self._header_bytes = 0
-        self._head_buf: bytearray | None = None
-        self._chunk = b""
-        self._line_pos = 0
+        self._bounds = MessageBounds()
         self._idle = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -102,11 +101,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self._failed is not None:
             return
-        if self._head_buf is not None:
-            self._head_buf += data
-        else:
-            self._chunk = data
-            self._line_pos = 0
+        bounds = self._bounds
+        bounds.read(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -114,10 +110,9 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._parse_failed(_translate(e))
         else:
+            bounds.read_done(self._in_head)
             if self._in_head:
-                self._head_continues(data)
-            else:
-                self._head_buf = None
+                self._head_continues()
         cur = self.current
         if cur is not None and cur._up_out:
             cur.flush_upstream()
@@ -170,14 +165,9 @@ class ClientConnection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             raise VersionNotSupported(f"HTTP/{version}")
         method = parser.get_method()
-        line = method + b" " + self._url + b" HTTP/"
-        buf = self._head_buf if self._head_buf is not None else self._chunk
-        if buf.startswith(line, self._line_pos):    # the usual case: nothing before it
-            self._line_pos += len(line)
-        else:
-            self._check_request_line(buf, method, version)
-        http11 = version == "1.1"
         ex = self._parsing
+        self._bounds.check_head(method, self._url, version, ex.te)
+        http11 = version == "1.1"
         ex.finish_head(http11)
         if method == b"CONNECT":
             raise BadRequest("CONNECT is not supported")
@@ -196,11 +186,13 @@ class ClientConnection(asyncio.Protocol):
             self.block_reading(PIPELINED)
 
     def on_body(self, body: bytes) -> None:
+        self._bounds.body_len += len(body)
         ex = self._parsing
         if ex is not None:
             ex.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._bounds.message_done()
         ex = self._parsing
         if ex is not None:
             self._parsing = None
@@ -208,21 +200,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- head checks ---------------------------------------------------------------------
 
-    def _check_request_line(self, buf: bytes | bytearray, method: bytes, version: str) -> None:
-        """llhttp tolerates repeated spaces in the request line; we do not.  The exact
-        canonical line must appear at a line start in what we received."""
-        line = b"%b %b HTTP/%b\r\n" % (method, self._url, version.encode())
-        i = buf.find(line, self._line_pos)
-        if i < 0 or (i > 0 and buf[i - 1] != 0x0A):
-            raise BadRequest("malformed request line")
-        self._line_pos = i + len(line)
-
-    def _head_continues(self, data: bytes) -> None:
-        """The head spans reads: keep its bytes, bound its size, start its deadline."""
+    def _head_continues(self) -> None:
+        """The head spans reads: bound its size, start its deadline."""
         site = self.site
-        if self._head_buf is None:
-            self._head_buf = bytearray(data)
-        if len(self._head_buf) > site.max_request_line + site.max_header_size:
+        if self._bounds.head_size > site.max_request_line + site.max_header_size:
             self._parse_failed(HeadersTooLarge("request head too large"))
             return
         if self.deadline.when is None:
@@ -231,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
     def _after_upgrade(self, data: bytes, offset: int) -> None:
         """An Upgrade request was parsed; we never upgrade, so parse on as HTTP/1.1."""
         self.parser = httptools.HttpRequestParser(self)
-        self._head_buf = None
+        self._bounds = MessageBounds()
         rest = data[offset:]
         if rest:
             self.data_received(rest)

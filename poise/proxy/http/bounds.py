@@ -1,0 +1,117 @@
+"""Where each request starts in the bytes a client sent.
+
+llhttp tolerates repeated spaces in a request line and does not report offsets, so
+the proxy finds each message's start itself: the first request of a read starts at
+its beginning (after optional empty lines); a pipelined one starts where the previous
+message ended — right after its head, its Content-Length body, or its last chunk and
+trailers.  The canonical request line must stand exactly there.
+"""
+
+from __future__ import annotations
+
+from poise.errors import BadRequest
+
+
+class MessageBounds:
+    """Tracks message boundaries across reads for one client connection."""
+
+    __slots__ = ("buf", "pos", "head_buf", "body_start", "body_len", "scanner")
+
+    def __init__(self) -> None:
+        self.buf: bytes | bytearray = b""
+        self.pos = 0            # where the next message starts in buf
+        self.head_buf: bytearray | None = None   # a head spanning reads, from its read
+        self.body_start = 0     # where the current message's body bytes start in buf
+        self.body_len = 0       # de-chunked body bytes seen in buf (on_body)
+        self.scanner: ChunkScanner | None = None
+
+    def read(self, data: bytes) -> None:
+        """A new read is about to be parsed."""
+        if self.head_buf is not None:
+            self.head_buf += data
+            self.buf = self.head_buf
+        else:
+            self.buf = data
+            self.pos = self.body_start = self.body_len = 0
+
+    def check_head(self, method: bytes, url: bytes, version: str, chunked: bool) -> None:
+        """The head just parsed must begin, canonically, where the message starts."""
+        buf = self.buf
+        pos = self.pos
+        while buf.startswith(b"\r\n", pos):     # empty lines before a request are allowed
+            pos += 2
+        line = b"%b %b HTTP/%b\r\n" % (method, url, version.encode())
+        if not buf.startswith(line, pos):
+            raise BadRequest("malformed request line")
+        # llhttp accepted the head, so it ends at the first empty line.
+        self.body_start = buf.find(b"\r\n\r\n", pos) + 4
+        self.body_len = 0
+        self.scanner = ChunkScanner() if chunked else None
+
+    def read_done(self, in_head: bool) -> None:
+        """The read was parsed; keep it if a head continues into the next one."""
+        if not in_head:
+            self.head_buf = None
+        elif self.head_buf is None:
+            self.head_buf = bytearray(self.buf)
+        if self.scanner is not None and self.body_start <= len(self.buf):
+            self.scanner.feed(self.buf, self.body_start)    # chunked body continues
+
+    def message_done(self) -> None:
+        """The current message ended in this read: the next one starts after it."""
+        if self.scanner is not None:
+            end = self.scanner.feed(self.buf, self.body_start)
+            self.scanner = None
+            self.pos = end if end >= 0 else len(self.buf)
+        else:
+            self.pos = self.body_start + self.body_len
+        self.body_start = self.pos + len(self.buf)  # no body in this read until a head
+
+    @property
+    def head_size(self) -> int:
+        return len(self.buf) - self.pos
+
+
+class ChunkScanner:
+    """Finds the end of a chunked body (last chunk and trailers) across reads.
+
+    Runs only over bytes llhttp has already validated, so it need not re-check them;
+    its cost is per chunk, not per byte."""
+
+    __slots__ = ("_line", "_left", "_state")
+
+    _SIZE, _DATA, _TRAILER = range(3)
+
+    def __init__(self) -> None:
+        self._line = b""
+        self._left = 0
+        self._state = self._SIZE
+
+    def feed(self, buf: bytes | bytearray, i: int) -> int:
+        """Consume ``buf[i:]``; the offset just past the message's end, or -1."""
+        n = len(buf)
+        while i < n:
+            if self._state == self._DATA:
+                take = min(self._left, n - i)
+                i += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._SIZE
+                continue
+            j = buf.find(b"\n", i)
+            if j < 0:
+                self._line += bytes(buf[i:])
+                return -1
+            line = (self._line + bytes(buf[i:j])).rstrip(b"\r")
+            self._line = b""
+            i = j + 1
+            if self._state == self._SIZE:
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size:
+                    self._left = size + 2       # data and its CRLF
+                    self._state = self._DATA
+                else:
+                    self._state = self._TRAILER
+            elif not line:                      # the empty line after the trailers
+                return i
+        return -1
