@@ -40,7 +40,7 @@ class MessageBounds:
         pos = self.pos
         while buf.startswith(b"\r\n", pos):     # empty lines before a request are allowed
             pos += 2
-        line = b"%b %b HTTP/%b\r\n" % (method, url, version.encode())
+        line = method + b" " + url + (b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n")
         if not buf.startswith(line, pos):
             raise BadRequest("malformed request line")
         # llhttp accepted the head, so it ends at the first empty line.

@@ -46,7 +46,7 @@ class Exchange(RequestHead):
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
-        RequestHead.__init__(self, max_body)
+        self.init_head(max_body)
         self.client = client
         self.cluster: ClusterRuntime | None = None
         self.pool: UpstreamPool | None = None
@@ -277,7 +277,9 @@ class Exchange(RequestHead):
         if self.finished:
             return
         self.finished = True
-        self._uncount()
+        if self._counted:
+            self._counted = False
+            self.pool.stats.in_flight -= 1
         self.client.exchange_done(self)
 
     def _uncount(self) -> None:

@@ -28,6 +28,8 @@ from poise.proxy.deadline import Deadline
 from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
+from poise.proxy.http.headers import CRLF
+from poise.proxy.http.request import WATCH_FIRST
 from poise.proxy.http.upstream import UPSTREAM_FULL
 
 if TYPE_CHECKING:
@@ -154,7 +156,10 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
         if self._header_count > site.max_headers:
             raise HeadersTooLarge(f"more than {site.max_headers} headers")
-        self._parsing.add(name, value)
+        if (name[0] | 0x20) in WATCH_FIRST:     # (RequestHead.add, inlined)
+            self._parsing.add_watched(name, value)
+        else:
+            self._parsing.fields += (name, b": ", value, CRLF)
 
     def on_headers_complete(self) -> None:
         self._in_head = False

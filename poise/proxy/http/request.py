@@ -17,7 +17,7 @@ _SPECIAL = frozenset({
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 }) | HOP_BY_HOP
 # Lower-cased first letters of the names above: other headers skip lower-casing.
-_WATCH_FIRST = frozenset(name[0] for name in _SPECIAL)
+WATCH_FIRST = frozenset(name[0] for name in _SPECIAL)
 
 
 class RequestHead:
@@ -25,13 +25,14 @@ class RequestHead:
     CRLF`` groups, hop-by-hop and X-Forwarded-* removed) and the facts the proxy needs.
 
     The base of :class:`~poise.proxy.http.exchange.Exchange`: a request's exchange
-    starts life as its head being parsed.
+    starts life as its head being parsed.  ``init_head`` sets these slots (the
+    Exchange inlines it on its hot path).
     """
 
     __slots__ = ("fields", "host", "content_length", "chunked", "te", "expect_continue",
                  "xff", "connection", "upgrade", "max_body")
 
-    def __init__(self, max_body: int) -> None:
+    def init_head(self, max_body: int) -> None:
         self.fields: list[bytes] = []
         self.host: bytes | None = None
         self.content_length = -1
@@ -45,15 +46,17 @@ class RequestHead:
 
     def add(self, name: bytes, value: bytes) -> None:
         """One parsed header. Raises BadRequest (400) or PayloadTooLarge (413)."""
-        if (name[0] | 0x20) in _WATCH_FIRST:
-            low = name.lower()
-            if low in _SPECIAL:
-                self._special(low, name, value)
-                return
-        self.fields += (name, b": ", value, CRLF)
+        if (name[0] | 0x20) in WATCH_FIRST:
+            self.add_watched(name, value)
+        else:
+            self.fields += (name, b": ", value, CRLF)
 
-    def _special(self, low: bytes, name: bytes, value: bytes) -> None:
-        if low == b"host":
+    def add_watched(self, name: bytes, value: bytes) -> None:
+        """A header whose name starts like one that needs attention (WATCH_FIRST)."""
+        low = name.lower()
+        if low not in _SPECIAL:
+            self.fields += (name, b": ", value, CRLF)
+        elif low == b"host":
             if self.host is not None:
                 raise BadRequest("duplicate Host header")
             self.host = value
