@@ -45,6 +45,22 @@ def test_absolute_form_target_becomes_origin_form_with_its_host(proxy):
     assert echo_headers(seen, "host") == ["abs.example:81"]
 
 
+def test_asterisk_form_options_is_forwarded(proxy):
+    px, _ = proxy
+    with connect(px.addr) as s:
+        s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        seen = RawReader(s).read_response().json()
+    assert (seen["method"], seen["target"]) == ("OPTIONS", "*")
+
+
+def test_request_is_forwarded_as_http11(proxy):
+    px, _ = proxy
+    with connect(px.addr) as s:
+        s.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
+        seen = RawReader(s).read_response().json()
+    assert seen["version"] == "1.1"
+
+
 def test_x_forwarded_for_is_set_to_the_client_ip(proxy):
     seen = echo(proxy)
     assert echo_headers(seen, "x-forwarded-for") == ["127.0.0.1"]
@@ -135,6 +151,43 @@ def test_h2c_upgrade_never_reaches_the_backend(proxy):
         second = reader.read_response()
         assert second.status == 200 and second.json()["target"] == "/echo?second"
     assert backend.targets() == ["/echo", "/echo?second"]
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n\r\nhello",
+                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+                         ids=["content-length", "chunked"])
+def test_h2c_upgrade_offer_with_a_body_is_answered_normally(proxy, framing):
+    # e.g. an HTTP/1.1 client offering h2c on a POST: we never upgrade, so the offer is
+    # dropped and the request served as HTTP/1.1.
+    px, backend = proxy
+    backend.reset()
+    with connect(px.addr) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: h2c.example\r\n"
+                  b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                  b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" + framing
+                  + b"GET /echo?second HTTP/1.1\r\nHost: h2c.example\r\n\r\n")
+        reader = RawReader(s)
+        first = reader.read_response()
+        assert first.status == 200, first.body
+        seen = first.json()
+        assert seen["body"] == "hello"
+        assert not {n.lower() for n, _ in seen["headers"]} & {"upgrade", "http2-settings"}
+        assert reader.read_response().json()["target"] == "/echo?second"
+
+
+def test_upgrade_header_without_connection_upgrade_keeps_the_body(proxy):
+    # Regression: only a request llhttp really treats as an upgrade (Connection: upgrade)
+    # has its body parsed separately; a bare Upgrade header must not stall the request.
+    px, backend = proxy
+    backend.reset()
+    with connect(px.addr) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: h2c.example\r\nUpgrade: h2c\r\n"
+                  b"Content-Length: 5\r\n\r\nhello"
+                  b"GET /echo?second HTTP/1.1\r\nHost: h2c.example\r\n\r\n")
+        reader = RawReader(s)
+        first = reader.read_response()
+        assert first.status == 200 and first.json()["body"] == "hello"
+        assert reader.read_response().json()["target"] == "/echo?second"
 
 
 def test_hop_by_hop_response_headers_are_removed(proxy):

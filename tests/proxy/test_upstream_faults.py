@@ -37,6 +37,18 @@ def test_connection_refused_is_502_within_milliseconds(stack):
             assert c.reusable
 
 
+def test_refused_while_the_client_is_still_uploading_is_502_and_close(stack):
+    px = stack.poise([refused_address()])
+    with connect(px.addr, timeout=5) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+        s.sendall(b"u" * 100_000)
+        reader = RawReader(s)
+        r = reader.read_response()
+        assert r.status == 502
+        assert "close" in (r.header("connection") or "").lower(), \
+            "the unread body makes the connection unusable: it must be closed"
+
+
 def test_no_backend_reachable_answers_within_milliseconds(stack):
     px = stack.poise([refused_address(), refused_address(), refused_address()])
     for _ in range(5):
@@ -142,6 +154,20 @@ def test_response_header_timeout_does_not_cut_a_slow_body(stack):
         time.sleep(0.8)
         r = c.read_response()
         assert r.status == 200 and len(r.body) == 20_000_000
+
+
+def test_response_header_timeout_does_not_cut_a_slow_upload(stack):
+    # The backend is waiting for the body; the deadline is for its answer, which can
+    # only start once the request has been sent.
+    b = stack.backend()
+    px = stack.poise([b], cluster={"response_header_timeout": "1s"})
+    with connect(px.addr, timeout=10) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        for _ in range(10):
+            time.sleep(0.2)
+            s.sendall(b"s")
+        r = RawReader(s).read_response()
+    assert r.status == 200 and r.json()["body"] == "s" * 10
 
 
 def test_connect_timeout_is_504(stack):

@@ -141,7 +141,8 @@ class Exchange(RequestHead):
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.exchange = self
-        conn.deadline.set(conn.pool.response_timeout)
+        if self.request_complete:   # else request_done starts the response deadline
+            conn.deadline.set(conn.pool.response_timeout)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
@@ -187,7 +188,11 @@ class Exchange(RequestHead):
             self.client.block_reading(BUFFERING)
 
     def request_done(self) -> None:
+        """The whole request has been read; the backend's response deadline starts."""
         self.request_complete = True
+        conn = self.conn
+        if conn is not None:
+            conn.deadline.set(conn.pool.response_timeout)
         if self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:

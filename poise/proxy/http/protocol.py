@@ -25,11 +25,12 @@ from poise.errors import (
     VersionNotSupported,
 )
 from poise.proxy.deadline import Deadline
-from poise.proxy.http.bounds import MessageBounds
+from poise.proxy.http.bounds import ChunkScanner, MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import CRLF
 from poise.proxy.http.request import WATCH_FIRST
+from poise.proxy.http.upgrade import BodyAfterUpgrade, framing_of
 from poise.proxy.http.upstream import UPSTREAM_FULL
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_count = 0
         self._header_bytes = 0
         self._bounds = MessageBounds()
+        self._upgrade_body: bytes | None = None
         self._idle = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -176,9 +178,9 @@ class ClientConnection(asyncio.Protocol):
         ex.finish_head(http11)
         if method == b"CONNECT":
             raise BadRequest("CONNECT is not supported")
-        if ex.upgrade and (ex.content_length > 0 or ex.chunked):
-            # llhttp would read the body as upgraded-protocol bytes: refuse, don't guess
-            raise BadRequest("an Upgrade request with a body is ambiguous")
+        if ex.upgrade and parser.should_upgrade():
+            # Declined (never forwarded); its body, if any, is parsed after the head.
+            self._upgrade_body = framing_of(ex.content_length, ex.chunked)
         target = self._url
         if target[:1] != b"/":
             target = _origin_form(target, ex, method)
@@ -197,6 +199,8 @@ class ClientConnection(asyncio.Protocol):
             ex.request_body(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body is not None:
+            return      # httptools ends an Upgrade request at its head: the body follows
         self._bounds.message_done()
         ex = self._parsing
         if ex is not None:
@@ -216,8 +220,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _after_upgrade(self, data: bytes, offset: int) -> None:
         """An Upgrade request was parsed; we never upgrade, so parse on as HTTP/1.1."""
-        self.parser = httptools.HttpRequestParser(self)
         self._bounds = MessageBounds()
+        framing = self._upgrade_body
+        if framing is None:
+            self.parser = httptools.HttpRequestParser(self)
+        else:
+            self._upgrade_body = None
+            self.parser = BodyAfterUpgrade(self, framing).parser
+            if self._parsing is not None and self._parsing.chunked:
+                self._bounds.scanner = ChunkScanner()
         rest = data[offset:]
         if rest:
             self.data_received(rest)
