@@ -115,7 +115,7 @@ class Cluster(Strict):
     # From the request being sent until the response head has arrived.
     response_header_timeout: Duration = 30.0
     # Idle upstream keep-alive connections kept per backend and per worker.
-    keepalive_max_idle: int = Field(64, ge=0)
+    keepalive_max_idle: int = Field(1024, ge=0)
     keepalive_idle_timeout: Duration = 60.0
 
 

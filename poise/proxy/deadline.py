@@ -33,6 +33,13 @@ class Deadline:
         if self._handle is None or when < self._armed_for:
             self._arm(when)
 
+    def push(self, timeout: float) -> None:
+        """Like ``set``, for callers whose new deadline is never earlier than one already
+        armed (the same timeout again and again): no timer work unless none is armed."""
+        when = self.when = self._loop.time() + timeout
+        if self._handle is None:
+            self._arm(when)
+
     def set_at(self, when: float) -> None:
         self.when = when
         if self._handle is None or when < self._armed_for:

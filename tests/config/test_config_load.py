@@ -106,7 +106,7 @@ def test_defaults():
     cluster = cfg.clusters[0]
     assert cluster.connect_timeout == 2.0
     assert cluster.response_header_timeout == 30.0
-    assert cluster.keepalive_max_idle == 64
+    assert cluster.keepalive_max_idle == 1024
     assert cluster.keepalive_idle_timeout == 60.0
 
 

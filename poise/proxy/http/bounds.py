@@ -9,13 +9,12 @@ trailers.  The canonical request line must stand exactly there.
 
 from __future__ import annotations
 
-from poise.errors import BadRequest
 
 
 class MessageBounds:
     """Tracks message boundaries across reads for one client connection."""
 
-    __slots__ = ("buf", "pos", "head_buf", "body_start", "body_len", "scanner")
+    __slots__ = ("buf", "pos", "head_buf", "body_start", "body_len", "scanner", "http11")
 
     def __init__(self) -> None:
         self.buf: bytes | bytearray = b""
@@ -24,6 +23,7 @@ class MessageBounds:
         self.body_start = 0     # where the current message's body bytes start in buf
         self.body_len = 0       # de-chunked body bytes seen in buf (on_body)
         self.scanner: ChunkScanner | None = None
+        self.http11 = True      # the version of the last head checked
 
     def read(self, data: bytes) -> None:
         """A new read is about to be parsed."""
@@ -34,19 +34,31 @@ class MessageBounds:
             self.buf = data
             self.pos = self.body_start = self.body_len = 0
 
-    def check_head(self, method: bytes, url: bytes, version: str, chunked: bool) -> None:
-        """The head just parsed must begin, canonically, where the message starts."""
+    def check_head(self, method: bytes, url: bytes, chunked: bool) -> int:
+        """Check that the head just parsed begins, canonically, where the message
+        starts and is HTTP/1.0 or 1.1 (sets ``http11``).  Returns the size of its header
+        block (after the request line), or -1 when the request line is not canonical
+        or the version is another one (the caller tells which)."""
         buf = self.buf
         pos = self.pos
         while buf.startswith(b"\r\n", pos):     # empty lines before a request are allowed
             pos += 2
-        line = method + b" " + url + (b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/1.0\r\n")
+        line = method + b" " + url + b" HTTP/1."
         if not buf.startswith(line, pos):
-            raise BadRequest("malformed request line")
+            return -1
+        end_of_line = pos + len(line) + 3
+        minor = buf[end_of_line - 3:end_of_line]
+        if minor == b"1\r\n":
+            self.http11 = True
+        elif minor == b"0\r\n":
+            self.http11 = False
+        else:
+            return -1
         # llhttp accepted the head, so it ends at the first empty line.
-        self.body_start = buf.find(b"\r\n\r\n", pos) + 4
+        self.body_start = buf.find(b"\r\n\r\n", end_of_line - 2) + 4
         self.body_len = 0
         self.scanner = ChunkScanner() if chunked else None
+        return self.body_start - end_of_line - 2
 
     def read_done(self, in_head: bool) -> None:
         """The read was parsed; keep it if a head continues into the next one."""

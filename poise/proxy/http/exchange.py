@@ -46,7 +46,14 @@ class Exchange(RequestHead):
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
-        self.init_head(max_body)
+        # RequestHead's slots (see RequestHead.init_head), set here to save a call.
+        self.fields: list[bytes] = []
+        self.host: bytes | None = None
+        self.content_length = -1
+        self.chunked = self.te = self.expect_continue = self.upgrade = False
+        self.xff: bytes | None = None
+        self.connection: list[bytes] | None = None
+        self.max_body = max_body
         self.client = client
         self.cluster: ClusterRuntime | None = None
         self.pool: UpstreamPool | None = None
@@ -66,8 +73,10 @@ class Exchange(RequestHead):
         self.finished = False
         self._counted = False
 
-    def head_parsed(self, method: bytes, target: bytes, http11: bool, keep_alive: bool) -> None:
-        """The request head is complete (and was checked by ``finish_head``)."""
+    def head_complete(self, method: bytes, target: bytes, http11: bool,
+                      keep_alive: bool) -> None:
+        """The request head is complete: check it (``finish_head``), then record it."""
+        self.finish_head(http11)
         self.method = method
         self.target = target
         self.http11 = http11
@@ -142,7 +151,7 @@ class Exchange(RequestHead):
         self.conn = conn
         conn.exchange = self
         if self.request_complete:   # else request_done starts the response deadline
-            conn.deadline.set(conn.pool.response_timeout)
+            conn.deadline.push(conn.pool.response_timeout)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
@@ -192,7 +201,7 @@ class Exchange(RequestHead):
         self.request_complete = True
         conn = self.conn
         if conn is not None:
-            conn.deadline.set(conn.pool.response_timeout)
+            conn.deadline.push(conn.pool.response_timeout)
         if self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:

@@ -65,7 +65,6 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._header_count = 0
-        self._header_bytes = 0
         self._bounds = MessageBounds()
         self._upgrade_body: bytes | None = None
         self._idle = False
@@ -114,9 +113,10 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._parse_failed(_translate(e))
         else:
-            bounds.read_done(self._in_head)
-            if self._in_head:
-                self._head_continues()
+            if self._in_head or bounds.head_buf is not None or bounds.scanner is not None:
+                bounds.read_done(self._in_head)
+                if self._in_head:
+                    self._head_continues()
         cur = self.current
         if cur is not None and cur._up_out:
             cur.flush_upstream()
@@ -140,7 +140,6 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._parsing = Exchange(self, self.site.max_request_body)
         self._header_count = 0
-        self._header_bytes = 0
         if self._idle:              # the idle deadline ends; a head deadline may start
             self._idle = False
             self.deadline.clear()
@@ -151,13 +150,9 @@ class ClientConnection(asyncio.Protocol):
             raise UriTooLong(f"request target longer than {self.site.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Limits are checked when the head is complete (one read holds at most 256 KiB;
+        # a head spanning reads is bounded by _head_continues).
         self._header_count += 1
-        self._header_bytes += len(name) + len(value) + 4
-        site = self.site
-        if self._header_bytes > site.max_header_size:
-            raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
-        if self._header_count > site.max_headers:
-            raise HeadersTooLarge(f"more than {site.max_headers} headers")
         if (name[0] | 0x20) in WATCH_FIRST:     # (RequestHead.add, inlined)
             self._parsing.add_watched(name, value)
         else:
@@ -168,23 +163,29 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline.when is not None and not self._idle:
             self.deadline.clear()
         parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise VersionNotSupported(f"HTTP/{version}")
         method = parser.get_method()
         ex = self._parsing
-        self._bounds.check_head(method, self._url, version, ex.te)
-        http11 = version == "1.1"
-        ex.finish_head(http11)
+        bounds = self._bounds
+        header_block = bounds.check_head(method, self._url, ex.te)
+        if header_block < 0:
+            version = parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                raise VersionNotSupported(f"HTTP/{version}")
+            raise BadRequest("malformed request line")
+        site = self.site
+        if header_block > site.max_header_size:
+            raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
+        if self._header_count > site.max_headers:
+            raise HeadersTooLarge(f"more than {site.max_headers} headers")
         if method == b"CONNECT":
             raise BadRequest("CONNECT is not supported")
-        if ex.upgrade and parser.should_upgrade():
-            # Declined (never forwarded); its body, if any, is parsed after the head.
-            self._upgrade_body = framing_of(ex.content_length, ex.chunked)
         target = self._url
         if target[:1] != b"/":
             target = _origin_form(target, ex, method)
-        ex.head_parsed(method, target, http11, parser.should_keep_alive())
+        ex.head_complete(method, target, bounds.http11, parser.should_keep_alive())
+        if ex.upgrade and parser.should_upgrade():
+            # Declined (never forwarded); its body, if any, is parsed after the head.
+            self._upgrade_body = framing_of(ex.content_length, ex.chunked)
         if self.current is None:
             self.current = ex
             ex.start()
@@ -276,7 +277,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
         else:
             self._idle = True
-            self.deadline.set(self.site.idle_timeout)
+            # Header deadlines are shorter but cleared by now: push never re-arms early.
+            self.deadline.push(self.site.idle_timeout)
 
     def reject_body(self, reason: str) -> None:
         from poise.errors import PayloadTooLarge

@@ -123,6 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._done = False          # the response (or a HEAD's head) is complete
         self._head_only = False     # ended at the head: reset the parser afterwards
         self._keep_alive = False
+        self._status = 0
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._fields = []
         if ex is None:
             return
-        status = self.parser.get_status_code()
+        status = self._status = self.parser.get_status_code()
         if self._connection is not None:
             fields = drop_listed(fields, self._connection)
             self._connection = None
@@ -229,14 +230,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._te = None
             ex.on_informational(status, fields)
             return
-        self.deadline.clear()
+        self.deadline.when = None
+        self._keep_alive = self.parser.should_keep_alive()
         te, self._te = self._te, None
         has_length, self._has_length = self._has_length, False
         chunked = te is not None and te.rstrip().lower().endswith(b"chunked")
         ex.on_response_head(status, fields, has_length, chunked)
         if ex.head_only:
             self._head_only = self._done = True
-            self._keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
@@ -246,10 +247,9 @@ class UpstreamConnection(asyncio.Protocol):
         ex._out.append(chunk(body) if ex._chunk_out else body)
 
     def on_message_complete(self) -> None:
-        if self._done or self.parser.get_status_code() < 200:
+        if self._done or self._status < 200:
             return                  # end of an informational response or of a HEAD's head
         self._done = True
-        self._keep_alive = self.parser.should_keep_alive()
 
     # -- decisions ---------------------------------------------------------------------
 
