@@ -51,7 +51,7 @@ def parse_wrk(text: str) -> dict:
     sock = _RE_SOCKET.search(text)
     non2xx = _RE_NON2XX.search(text)
     errors = dict(zip(("connect", "read", "write", "timeout"),
-                      map(int, sock.groups()) if sock else (0, 0, 0, 0)))
+                      map(int, sock.groups()) if sock else (0, 0, 0, 0), strict=True))
     errors["non_2xx_3xx"] = int(non2xx.group(1)) if non2xx else 0
     duration = parse_time(total.group(2))
     bytes_read = float(total.group(3)) * _SIZE_UNITS[total.group(4)]

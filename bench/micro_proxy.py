@@ -9,7 +9,6 @@ the interpreter work poise adds on top of the syscalls (which `make bench` cover
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 

@@ -96,6 +96,13 @@ def summarize_small(samples: list[dict], proxies: list[str]) -> dict:
     return out
 
 
+def _per_response_ms(key: str):
+    """A sample → milliseconds of ``key`` (CPU seconds) per response."""
+    def per_response(sample: dict) -> float | None:
+        return sample[key] / sample["requests"] * 1e3 if sample["requests"] else None
+    return per_response
+
+
 def summarize_stream(samples: list[dict], proxies: list[str]) -> dict:
     """Per-proxy medians for the 10 MiB streaming phase."""
     out = {}
@@ -103,13 +110,12 @@ def summarize_stream(samples: list[dict], proxies: list[str]) -> dict:
         ok = [s for s in samples if s["proxy"] == name and s["phase"] == "stream" and s["ok"]]
         if not ok:
             continue
-        per_resp = lambda key: (lambda s: s[key] / s["requests"] * 1e3 if s["requests"] else None)
         out[name] = {
             "rounds": len(ok),
             "mib_per_s": _med(ok, lambda s: s["bytes_per_s"] / MIB),
             "responses": sum(s["requests"] for s in ok),
-            "cpu_ms_per_response": _med(ok, per_resp("cpu_s")),
-            "backend_cpu_ms_per_response": _med(ok, per_resp("backend_cpu_s")),
+            "cpu_ms_per_response": _med(ok, _per_response_ms("cpu_s")),
+            "backend_cpu_ms_per_response": _med(ok, _per_response_ms("backend_cpu_s")),
             "errors": sum(s["error_total"] for s in ok),
         }
     ref = out.get("haproxy", {}).get("cpu_ms_per_response")

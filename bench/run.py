@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 from contextlib import ExitStack, nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -104,7 +104,7 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
 def start_proxies(stack, root, ports, backends, args, failures) -> dict:
     """Start each requested proxy; a failure is recorded and the others go on."""
     running = {}
-    for name, port in zip(args.only, ports):
+    for name, port in zip(args.only, ports, strict=True):
         try:
             argv = proxy_argv(name, root, port, backends, args)
             running[name] = (start_service(stack, name, argv, root, [port], args.start_timeout),
@@ -196,8 +196,8 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
         backend = start_service(stack, "backend", configs.backend_nginx(root, backends), root,
                                 backends, args.start_timeout)
     except procs.StartError as exc:
-        raise SystemExit(f"!! backend nginx failed to start, nothing to measure:\n{exc}")
-    result["ports"] = {"backends": backends, **dict(zip(args.only, proxy_ports))}
+        raise SystemExit(f"!! backend nginx failed to start, nothing to measure:\n{exc}") from None
+    result["ports"] = {"backends": backends, **dict(zip(args.only, proxy_ports, strict=True))}
     failures, samples = result["failures"], result["samples"]
     running = start_proxies(stack, root, proxy_ports, backends, args, failures)
     warm_up(running, args, failures)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     procs.ensure_tools()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     result = {
         "timestamp": started.strftime("%Y%m%dT%H%M%SZ"),
         "settings": {"duration": args.duration, "rounds": args.rounds, "warmup": args.warmup,
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         log("# stopping all processes")
         stack.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    result["elapsed_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    result["elapsed_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     return finish(args, result)
 
 

@@ -10,7 +10,6 @@ trailers.  The canonical request line must stand exactly there.
 from __future__ import annotations
 
 
-
 class MessageBounds:
     """Tracks message boundaries across reads for one client connection."""
 
