@@ -76,7 +76,6 @@ class MessageBounds:
             self.pos = end if end >= 0 else len(self.buf)
         else:
             self.pos = self.body_start + self.body_len
-        self.body_start = self.pos + len(self.buf)  # no body in this read until a head
 
     @property
     def head_size(self) -> int:

@@ -98,7 +98,11 @@ class Exchange(RequestHead):
         pool.stats.in_flight += 1
         self._counted = True
         self._up_out.insert(0, self._request_head())
-        conn = pool.take_idle()
+        idle = pool.idle
+        conn = idle.pop() if idle else None
+        if conn is not None and not conn.usable:
+            conn.close()
+            conn = pool.take_idle()
         if conn is not None:
             conn.reused = True
             self._attach(conn)
@@ -161,7 +165,13 @@ class Exchange(RequestHead):
     # -- phase 3: forward the request ----------------------------------------------------
 
     def _request_head(self) -> bytes:
-        site = self.client.site
+        client = self.client
+        host = self.host
+        if client.forwarded and self.xff is None and host is not None and not self.chunked:
+            # The common case in one C call: X-Forwarded-For/-Proto are per connection.
+            return b"%b %b HTTP/1.1\r\n%bx-forwarded-host: %b\r\n%b\r\n" % (
+                self.method, self.target, b"".join(self.fields), host, client.forwarded)
+        site = client.site
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         parts += self.fields
         if self.host is None:
@@ -266,15 +276,23 @@ class Exchange(RequestHead):
 
     def on_response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response is complete: flush, recycle the connection, finish."""
+        out = self._out
         if self._chunk_out:
-            self._out.append(LAST_CHUNK)
-        self.flush_client()
+            out.append(LAST_CHUNK)
+        client = self.client
+        if out and not client.closed:
+            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._wrote_client = True
         self.conn = None
         if self.request_complete and conn.usable:
             self.pool.release(conn)
         else:
             conn.close()
-        self._finish()
+        self.finished = True
+        if self._counted:
+            self._counted = False
+            self.pool.stats.in_flight -= 1
+        client.exchange_done(self)
 
     def respond_error(self, error: BaseException) -> None:
         """Answer with the status for ``error`` (before any response byte was sent).

@@ -51,6 +51,7 @@ class ClientConnection(asyncio.Protocol):
         self.loop = site.loop
         self.transport: asyncio.Transport | None = None
         self.peer_ip = b""
+        self.forwarded = b""
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = Deadline(site.loop, self._timed_out)
         self.current: Exchange | None = None
@@ -75,6 +76,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
+        # X-Forwarded-For/-Proto for requests that bring none of their own.
+        self.forwarded = (b"x-forwarded-for: " + self.peer_ip + b"\r\n" + self.site.xfp
+                          if self.site.forwarded_headers else b"")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -105,7 +109,11 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self._failed is not None:
             return
         bounds = self._bounds
-        bounds.read(data)
+        if bounds.head_buf is None:     # (MessageBounds.read, inlined)
+            bounds.buf = data
+            bounds.pos = bounds.body_start = bounds.body_len = 0
+        else:
+            bounds.read(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -202,7 +210,11 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._upgrade_body is not None:
             return      # httptools ends an Upgrade request at its head: the body follows
-        self._bounds.message_done()
+        bounds = self._bounds
+        if bounds.scanner is None:      # (MessageBounds.message_done, inlined)
+            bounds.pos = bounds.body_start + bounds.body_len
+        else:
+            bounds.message_done()
         ex = self._parsing
         if ex is not None:
             self._parsing = None

@@ -173,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         if self._done:
             self._response_done(ex)     # flushes too
-        else:
+        elif ex._out:
             ex.flush_client()
 
     def pause_reading(self) -> None:
