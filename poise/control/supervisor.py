@@ -20,6 +20,7 @@ import uvloop
 
 from poise.config.model import Config
 from poise.config.units import parse_address
+from poise.control.memory import tune_malloc
 from poise.proxy.server import ProxyServer
 
 log = logging.getLogger("poise")
@@ -59,6 +60,7 @@ def busy_listeners(config: Config) -> list[tuple[str, str]]:
 
 def run_worker(config: Config, on_ready: Callable[[ProxyServer], None] | None = None) -> int:
     """Serve in this process on a fresh uvloop until asked to stop."""
+    tune_malloc()
     return uvloop.run(_serve(config, on_ready))
 
 
