@@ -40,24 +40,24 @@ class MessageBounds:
         or the version is another one (the caller tells which)."""
         buf = self.buf
         pos = self.pos
-        while buf.startswith(b"\r\n", pos):     # empty lines before a request are allowed
-            pos += 2
-        line = method + b" " + url + b" HTTP/1."
-        if not buf.startswith(line, pos):
-            return -1
-        end_of_line = pos + len(line) + 3
-        minor = buf[end_of_line - 3:end_of_line]
-        if minor == b"1\r\n":
+        if buf[pos:pos + 1] == b"\r":          # empty lines before a request are allowed
+            while buf.startswith(b"\r\n", pos):
+                pos += 2
+        line = b"%b %b HTTP/1.1\r\n" % (method, url)
+        if buf.startswith(line, pos):
             self.http11 = True
-        elif minor == b"0\r\n":
-            self.http11 = False
         else:
-            return -1
+            line = line[:-3] + b"0\r\n"
+            if not buf.startswith(line, pos):
+                return -1
+            self.http11 = False
+        end = pos + len(line)
         # llhttp accepted the head, so it ends at the first empty line.
-        self.body_start = buf.find(b"\r\n\r\n", end_of_line - 2) + 4
+        body_start = self.body_start = buf.find(b"\r\n\r\n", end - 2) + 4
         self.body_len = 0
-        self.scanner = ChunkScanner() if chunked else None
-        return self.body_start - end_of_line - 2
+        if chunked:
+            self.scanner = ChunkScanner()
+        return body_start - end - 2     # (the empty line ending the head not counted)
 
     def read_done(self, in_head: bool) -> None:
         """The read was parsed; keep it if a head continues into the next one."""
