@@ -46,6 +46,11 @@ CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream f
 class ClientConnection(asyncio.Protocol):
     """One downstream connection. Created per accepted socket by the listener."""
 
+    __slots__ = ("site", "loop", "transport", "peer_ip", "forwarded", "parser", "deadline",
+                 "current", "queue", "draining", "closed", "write_paused", "_parsing",
+                 "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
+                 "_upgrade_body", "_idle")
+
     def __init__(self, site: Site) -> None:
         self.site = site
         self.loop = site.loop

@@ -106,6 +106,10 @@ class UpstreamPool:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a backend, parsing responses with httptools."""
 
+    __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused",
+                 "reading_paused", "idle_since", "deadline", "_fields", "_has_length", "_te",
+                 "_connection", "_done", "_head_only", "_keep_alive", "_status")
+
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
