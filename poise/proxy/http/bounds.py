@@ -43,15 +43,19 @@ class MessageBounds:
         if buf[pos:pos + 1] == b"\r":          # empty lines before a request are allowed
             while buf.startswith(b"\r\n", pos):
                 pos += 2
-        line = b"%b %b HTTP/1.1\r\n" % (method, url)
-        if buf.startswith(line, pos):
+        # llhttp accepted "METHOD SP target SP HTTP/d.d CRLF" with no CR/LF inside but
+        # tolerates runs of spaces; the line is canonical exactly when its CRLF is where
+        # the canonical line's would be (the line cannot be longer and still hold one).
+        end = pos + len(method) + len(url) + 12
+        if len(buf) < end or buf[end - 2] != 13 or buf[end - 5] != 0x31:     # CR, major 1
+            return -1
+        minor = buf[end - 3]
+        if minor == 0x31:
             self.http11 = True
-        else:
-            line = line[:-3] + b"0\r\n"
-            if not buf.startswith(line, pos):
-                return -1
+        elif minor == 0x30:
             self.http11 = False
-        end = pos + len(line)
+        else:
+            return -1
         # llhttp accepted the head, so it ends at the first empty line.
         body_start = self.body_start = buf.find(b"\r\n\r\n", end - 2) + 4
         self.body_len = 0
