@@ -22,6 +22,10 @@ class PoiseError(Exception):
         self.detail = detail
 
 
+class InternalError(PoiseError):
+    """A bug in poise surfaced while handling a request (logged with its traceback)."""
+
+
 class ConfigError(PoiseError):
     """The configuration is invalid; ``errors`` lists ``(field_path, message)`` pairs."""
 

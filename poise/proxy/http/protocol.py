@@ -10,6 +10,7 @@ frame unambiguously is answered with its 4xx/5xx status and the connection close
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import deque
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import httptools
 from poise.errors import (
     BadRequest,
     HeadersTooLarge,
+    InternalError,
     PoiseError,
     RequestTimeout,
     UriTooLong,
@@ -36,6 +38,7 @@ from poise.proxy.http.upstream import UPSTREAM_FULL
 if TYPE_CHECKING:
     from poise.proxy.http.site import Site
 
+log = logging.getLogger("poise")
 # Seconds a closing connection keeps discarding what the client still sends.
 LINGER = 2.0
 # Reasons to stop reading from the client (bit flags).
@@ -386,10 +389,14 @@ class ClientConnection(asyncio.Protocol):
 
 
 def _translate(e: httptools.HttpParserError) -> PoiseError:
-    """An httptools error as a poise error; our own errors raised in callbacks win."""
+    """An httptools error as a poise error; our own errors raised in callbacks win.
+    Any other exception from a callback is a bug: logged, answered 500."""
     ctx = e.__context__
     if isinstance(ctx, PoiseError):
         return ctx
+    if isinstance(e, httptools.HttpParserCallbackError) and ctx is not None:
+        log.error("bug while parsing a request", exc_info=ctx)
+        return InternalError(f"{type(ctx).__name__}: {ctx}")
     message = str(e)
     if "HTTP version" in message:
         return VersionNotSupported(message)

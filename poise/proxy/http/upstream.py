@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from collections import deque
 from typing import TYPE_CHECKING
@@ -171,6 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             # (HttpParserUpgrade: a 101, which on_informational already refused.)
             self.usable = False
+            if isinstance(e, httptools.HttpParserCallbackError) and e.__context__ is not None:
+                log.error("bug while relaying a response", exc_info=e.__context__)
             if not self._done:
                 self.close()
                 ex.upstream_failed(self, UpstreamProtocolError(f"malformed response: {e}"))
@@ -292,6 +295,8 @@ class UpstreamConnection(asyncio.Protocol):
         state = "busy" if self.exchange else ("idle" if self.usable else "closed")
         return f"<UpstreamConnection {self.pool.backend.address} {state}>"
 
+
+log = logging.getLogger("poise")
 
 # Reasons a client connection stops reading (bit flags, see ClientConnection).
 UPSTREAM_FULL = 1
