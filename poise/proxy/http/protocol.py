@@ -31,7 +31,7 @@ from poise.proxy.http.bounds import ChunkScanner, MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import CRLF
-from poise.proxy.http.request import WATCH_FIRST
+from poise.proxy.http.request import WATCH_FIRST, origin_form
 from poise.proxy.http.upgrade import BodyAfterUpgrade, framing_of
 from poise.proxy.http.upstream import UPSTREAM_FULL
 
@@ -197,7 +197,7 @@ class ClientConnection(asyncio.Protocol):
             raise BadRequest("CONNECT is not supported")
         target = self._url
         if target[:1] != b"/":
-            target = _origin_form(target, ex, method)
+            target = origin_form(target, ex, method)
         ex.head_complete(method, target, bounds.http11, parser.should_keep_alive())
         if ex.upgrade and parser.should_upgrade():
             # Declined (never forwarded); its body, if any, is parsed after the head.
@@ -401,17 +401,3 @@ def _translate(e: httptools.HttpParserError) -> PoiseError:
     if "HTTP version" in message:
         return VersionNotSupported(message)
     return BadRequest(message)
-
-
-def _origin_form(target: bytes, head, method: bytes) -> bytes:
-    """Absolute-form (``http://host/path``) → origin-form; its authority becomes Host."""
-    if target == b"*" and method == b"OPTIONS":
-        return target
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        raise BadRequest("unsupported request target")
-    authority, slash, path = rest.partition(b"/")
-    if not authority:
-        raise BadRequest("absolute URI without host")
-    head.set_host(authority)
-    return slash + path if slash else b"/"

@@ -109,3 +109,17 @@ class RequestHead:
         kept += (b"host", b": ", host, CRLF)
         self.fields = kept
         self.host = host
+
+
+def origin_form(target: bytes, head: RequestHead, method: bytes) -> bytes:
+    """Absolute-form (``http://host/path``) → origin-form; its authority becomes Host."""
+    if target == b"*" and method == b"OPTIONS":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest("unsupported request target")
+    authority, slash, path = rest.partition(b"/")
+    if not authority:
+        raise BadRequest("absolute URI without host")
+    head.set_host(authority)
+    return slash + path if slash else b"/"
