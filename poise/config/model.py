@@ -103,6 +103,8 @@ class Listener(Strict):
 class BackendConfig(Strict):
     address: Address
     weight: int = Field(1, ge=1, le=10_000)
+    # Only used when no primary backend of the cluster is ready.
+    backup: bool = False
 
 
 class Cluster(Strict):

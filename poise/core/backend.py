@@ -15,12 +15,15 @@ class Backend:
     weight: int = 1
     zone: str = ""
     meta: tuple[tuple[str, str], ...] = field(default=())
+    # Receives traffic only when no primary backend of its cluster is ready.
+    backup: bool = False
     # Cached: backends are dict keys on the request path.
     _hash: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash",
-                           hash((self.host, self.port, self.weight, self.zone, self.meta)))
+                           hash((self.host, self.port, self.weight, self.zone, self.meta,
+                                    self.backup)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -41,7 +44,8 @@ class BackendStats:
     Plain attributes, mutated by the data plane on the event loop thread only.
     """
 
-    __slots__ = ("in_flight", "active_connections", "requests", "failures", "last_error_at")
+    __slots__ = ("in_flight", "active_connections", "requests", "failures", "last_error_at",
+                 "ewma_rtt", "ewma_at")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -49,6 +53,9 @@ class BackendStats:
         self.requests = 0
         self.failures = 0
         self.last_error_at = 0.0
+        # Latency estimate kept by latency-aware policies (peak_ewma); 0.0 = no data.
+        self.ewma_rtt = 0.0
+        self.ewma_at = 0.0
 
     def __repr__(self) -> str:
         return (f"<BackendStats in_flight={self.in_flight} conns={self.active_connections} "

@@ -15,25 +15,36 @@ from poise.core.backend import Backend, BackendStats
 class ClusterSnapshot:
     """Backends (in config order), which of them may take traffic, and their stats."""
 
-    __slots__ = ("name", "backends", "stats", "_unready", "all_ready")
+    __slots__ = ("name", "backends", "stats", "_unready", "all_ready", "ready_since")
 
     def __init__(self, name: str, backends: tuple[Backend, ...],
-                 stats: dict[Backend, BackendStats], unready: frozenset[Backend]) -> None:
+                 stats: dict[Backend, BackendStats], unready: frozenset[Backend],
+                 ready_since: dict[Backend, float] | None = None) -> None:
         self.name = name
         self.backends = backends
         self.stats = stats
         self._unready = unready
         self.all_ready = not unready
+        # When each backend (last) became ready, for slow start; absent: long ago.
+        self.ready_since = ready_since or {}
 
     @classmethod
     def build(cls, name: str, backends: Iterable[Backend],
               previous: ClusterSnapshot | None = None,
-              unready: Iterable[Backend] = ()) -> ClusterSnapshot:
+              unready: Iterable[Backend] = (),
+              ready_since: dict[Backend, float] | None = None) -> ClusterSnapshot:
         """A new snapshot; stats of backends already in ``previous`` are kept."""
         members = tuple(backends)
         old = previous.stats if previous is not None else {}
         stats = {b: old.get(b) or BackendStats() for b in members}
-        return cls(name, members, stats, frozenset(unready))
+        return cls(name, members, stats, frozenset(unready), ready_since)
+
+    def subset(self, backends: Iterable[Backend]) -> ClusterSnapshot:
+        """A snapshot of some of these backends sharing this one's stats and flags."""
+        members = tuple(backends)
+        return ClusterSnapshot(self.name, members, {b: self.stats[b] for b in members},
+                               self._unready & frozenset(members),
+                               {b: t for b, t in self.ready_since.items() if b in members})
 
     def ready(self, backend: Backend) -> bool:
         """True when ``backend`` may be sent new requests."""

@@ -1,45 +1,112 @@
 """Balancing policies: one small protocol and one registry.
 
-A :class:`Policy` is built from its config options; ``policy.build(snapshot)`` returns
-a :class:`Picker` bound to that snapshot.  A picker never judges health: it proposes
-backends and the caller skips those that are not ready or were already tried.
+A :class:`Policy` is built from its config options (plus an injected ``rng`` and
+``clock``); ``policy.build(snapshot)`` returns a :class:`Picker` bound to that
+snapshot.  A picker never judges health: it proposes backends in preference order and
+the caller skips those that are not ready or were already tried (DESIGN.md §5).
+
+Adding a policy = one module here + one line in ``_REGISTRY``.
 """
 
 from __future__ import annotations
 
+import importlib
+import random
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from poise.core.backend import Backend
+from poise.core.clock import Clock, MonotonicClock
 from poise.core.cluster import ClusterSnapshot
+from poise.core.context import RequestContext
 
 
 class Picker(Protocol):
-    def pick(self, ctx: Any = None) -> Backend:
-        """The preferred backend for this request (the fast path)."""
+    def pick(self, ctx: RequestContext | None = None) -> Backend:
+        """The preferred backend for this request (the fast path).
+        Only called on a picker built from a non-empty snapshot."""
         ...
 
-    def candidates(self, ctx: Any = None) -> Iterator[Backend]:
+    def candidates(self, ctx: RequestContext | None = None) -> Iterator[Backend]:
         """Every backend in preference order, starting with what ``pick`` would return."""
         ...
 
 
 class Policy(Protocol):
+    #: True when pickers read a RequestContext (else the caller may pass None).
+    needs_context: bool
+
     def build(self, snapshot: ClusterSnapshot) -> Picker: ...
 
 
-def _registry() -> dict[str, type]:
-    from poise.core.policies.round_robin import RoundRobin
-
-    return {"round_robin": RoundRobin}
-
-
-POLICIES: dict[str, type] = _registry()
+# config name → "module:Class" (imported on first use)
+_REGISTRY: dict[str, str] = {
+    "round_robin": "round_robin:RoundRobin",
+}
 
 
-def create_policy(name: str, options: dict[str, Any] | None = None) -> Policy:
+class _Registry(dict):
+    """Maps names to policy classes, importing each module on first use."""
+
+    def __missing__(self, name: str) -> type:
+        module, _, cls = _REGISTRY[name].partition(":")
+        policy = getattr(importlib.import_module(f"poise.core.policies.{module}"), cls)
+        self[name] = policy
+        return policy
+
+    def __contains__(self, name: object) -> bool:
+        return name in _REGISTRY
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY)
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+
+POLICIES: dict[str, type] = _Registry()
+
+
+def create_policy(name: str, options: dict[str, Any] | None = None, *,
+                  rng: random.Random | None = None, clock: Clock | None = None) -> Policy:
     """Instantiate the policy registered as ``name`` with its options.
 
-    Raises ``KeyError`` for an unknown name and ``TypeError``/``ValueError`` for bad options.
+    ``rng`` and ``clock`` default to a fresh ``random.Random()`` and the monotonic clock;
+    tests inject seeded and fake ones.  Raises ``KeyError`` for an unknown name and
+    ``TypeError``/``ValueError`` for bad options.
     """
-    return POLICIES[name](**(options or {}))
+    return POLICIES[name](**(options or {}), rng=rng or random.Random(),
+                          clock=clock or MonotonicClock())
+
+
+def build_picker(policy: Policy, snapshot: ClusterSnapshot) -> Picker:
+    """A picker for ``snapshot`` in which backup backends come after every primary."""
+    backups = [b for b in snapshot.backends if b.backup]
+    if not backups:
+        return policy.build(snapshot)
+    primaries = [b for b in snapshot.backends if not b.backup]
+    if not primaries:
+        return policy.build(snapshot)
+    return PrimaryThenBackup(policy.build(snapshot.subset(primaries)),
+                             policy.build(snapshot.subset(backups)), snapshot)
+
+
+class PrimaryThenBackup:
+    """Backups are proposed only after every primary (the caller skips unready ones)."""
+
+    __slots__ = ("_primary", "_backup", "_snapshot")
+
+    def __init__(self, primary: Picker, backup: Picker, snapshot: ClusterSnapshot) -> None:
+        self._primary = primary
+        self._backup = backup
+        self._snapshot = snapshot
+
+    def pick(self, ctx: RequestContext | None = None) -> Backend:
+        return self._primary.pick(ctx)
+
+    def candidates(self, ctx: RequestContext | None = None) -> Iterator[Backend]:
+        yield from self._primary.candidates(ctx)
+        yield from self._backup.candidates(ctx)
+
+    def __repr__(self) -> str:
+        return f"<PrimaryThenBackup {self._primary!r} then {self._backup!r}>"

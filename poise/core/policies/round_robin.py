@@ -26,6 +26,11 @@ _MAX_PRECOMPUTED = 4096
 class RoundRobin:
     """Policy factory; takes no options yet."""
 
+    needs_context = False
+
+    def __init__(self, *, rng: Any = None, clock: Any = None) -> None:
+        pass    # deterministic, timeless: neither is used
+
     def build(self, snapshot: ClusterSnapshot) -> RotationPicker | DeadlinePicker:
         backends = snapshot.backends
         weights = [b.weight for b in backends]

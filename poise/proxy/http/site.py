@@ -11,7 +11,7 @@ from poise.config.model import Cluster, Listener
 from poise.config.units import parse_address
 from poise.core.backend import Backend
 from poise.core.cluster import ClusterSnapshot
-from poise.core.policies import create_policy
+from poise.core.policies import build_picker, create_policy
 from poise.errors import NoBackendAvailable
 from poise.proxy.http.router import Router
 from poise.proxy.http.upstream import UpstreamPool
@@ -24,10 +24,11 @@ class ClusterRuntime:
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
-        backends = [Backend(*parse_address(b.address), weight=b.weight) for b in spec.backends]
+        backends = [Backend(*parse_address(b.address), weight=b.weight, backup=b.backup)
+                    for b in spec.backends]
         self.snapshot = ClusterSnapshot.build(spec.name, backends)
         name, options = policy_spec(spec.policy)
-        self.picker = create_policy(name, options).build(self.snapshot)
+        self.picker = build_picker(create_policy(name, options), self.snapshot)
         self.pools = {
             b: UpstreamPool(b, self.snapshot.stats[b], max_idle=spec.keepalive_max_idle,
                             idle_timeout=spec.keepalive_idle_timeout,
