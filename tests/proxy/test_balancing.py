@@ -64,3 +64,18 @@ def test_balancing_is_per_request_not_per_connection(stack):
     with H11Client(px.addr) as c:
         names = {c.get("/echo").header("x-backend") for _ in range(4)}
     assert names == {"x1", "x2"}
+
+
+def test_backup_backend_only_serves_when_no_primary_can(stack):
+    from tests.support.procs import refused_address
+
+    primary, backup = stack.backend("primary"), stack.backend("backup")
+    # Primary up: the backup sees nothing.
+    px = stack.poise([], cluster={"backends": [{"address": primary.address},
+                                                {"address": backup.address, "backup": True}]})
+    assert set(_names(px, 50)) == {"primary"}
+    assert backup.stats()["requests"] == []
+    # Primary refusing connections: every request fails over to the backup.
+    px = stack.poise([], cluster={"backends": [{"address": refused_address()},
+                                                {"address": backup.address, "backup": True}]})
+    assert set(_names(px, 50)) == {"backup"}

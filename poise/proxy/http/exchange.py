@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from poise.core.context import RequestContext
 from poise.errors import NoRoute, PoiseError, UpstreamProtocolError
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
@@ -91,7 +92,7 @@ class Exchange(RequestHead):
         """Route, pick a backend and attach an idle upstream connection (or open one)."""
         try:
             cluster = self.cluster = self.client.site.router.catch_all or self._route()
-            pool = self.pool = cluster.choose()
+            pool = self.pool = cluster.choose(self)
         except PoiseError as e:
             self.respond_error(e)
             return
@@ -122,6 +123,11 @@ class Exchange(RequestHead):
                           f"{path.decode(errors='replace')}")
         return cluster
 
+    def context(self) -> RequestContext:
+        """The request as balancing policies see it (built only for those that look)."""
+        return RequestContext(self.client.peer_ip.decode(), self.target, self.method,
+                              self.pairs())
+
     # -- phase 2: connection -------------------------------------------------------------
 
     async def _connect(self) -> None:
@@ -137,7 +143,7 @@ class Exchange(RequestHead):
                 if self.finished:
                     return
                 tried.append(pool)
-                nxt = self.cluster.fallback(tried) if e.retryable else None
+                nxt = self.cluster.fallback(self, tried) if e.retryable else None
                 if nxt is None:
                     self.respond_error(e)
                     return

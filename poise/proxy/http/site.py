@@ -5,6 +5,7 @@ reads attributes."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from poise.config.load import policy_spec
 from poise.config.model import Cluster, Listener
@@ -16,11 +17,14 @@ from poise.errors import NoBackendAvailable
 from poise.proxy.http.router import Router
 from poise.proxy.http.upstream import UpstreamPool
 
+if TYPE_CHECKING:
+    from poise.proxy.http.exchange import Exchange
+
 
 class ClusterRuntime:
     """A cluster's snapshot, picker and per-backend connection pools (one worker)."""
 
-    __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of")
+    __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of", "needs_context")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
@@ -28,7 +32,9 @@ class ClusterRuntime:
                     for b in spec.backends]
         self.snapshot = ClusterSnapshot.build(spec.name, backends)
         name, options = policy_spec(spec.policy)
-        self.picker = build_picker(create_policy(name, options), self.snapshot)
+        policy = create_policy(name, options)
+        self.needs_context = policy.needs_context
+        self.picker = build_picker(policy, self.snapshot)
         self.pools = {
             b: UpstreamPool(b, self.snapshot.stats[b], max_idle=spec.keepalive_max_idle,
                             idle_timeout=spec.keepalive_idle_timeout,
@@ -40,20 +46,22 @@ class ClusterRuntime:
         # and id() skips hashing a dataclass on every request.
         self._pool_of = {id(b): pool for b, pool in self.pools.items()}
 
-    def choose(self) -> UpstreamPool:
-        """The pool of the backend the policy prefers among those ready."""
+    def choose(self, ex: Exchange) -> UpstreamPool:
+        """The pool of the backend the policy prefers for ``ex`` among those ready."""
+        ctx = ex.context() if self.needs_context else None
         snapshot = self.snapshot
         if snapshot.all_ready:
-            return self._pool_of[id(self.picker.pick())]
-        for backend in self.picker.candidates():
+            return self._pool_of[id(self.picker.pick(ctx))]
+        for backend in self.picker.candidates(ctx):
             if snapshot.ready(backend):
                 return self._pool_of[id(backend)]
         raise NoBackendAvailable(f"cluster {self.name}: no backend available")
 
-    def fallback(self, tried: list[UpstreamPool]) -> UpstreamPool | None:
-        """The next ready backend's pool that is not in ``tried``, or None."""
+    def fallback(self, ex: Exchange, tried: list[UpstreamPool]) -> UpstreamPool | None:
+        """The next ready backend's pool for ``ex`` that is not in ``tried``, or None."""
+        ctx = ex.context() if self.needs_context else None
         snapshot = self.snapshot
-        for backend in self.picker.candidates():
+        for backend in self.picker.candidates(ctx):
             pool = self._pool_of[id(backend)]
             if pool not in tried and snapshot.ready(backend):
                 return pool
