@@ -31,6 +31,7 @@ test-deps:
 bench: install
 	@bash .ci/apt-deps bench
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/policies.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench
