@@ -39,6 +39,14 @@ class Policy(Protocol):
     def build(self, snapshot: ClusterSnapshot) -> Picker: ...
 
 
+# Optional hooks a policy's pickers may offer; the proxy calls them only when the
+# policy class defines the same method:
+#   picker.observe(backend, rtt_seconds, ok)  after each attempt's response head or
+#       failure (latency-aware policies);
+#   picker.set_cookie(ctx, backend) -> bytes | None  for each response: a Set-Cookie
+#       value to add (session-affinity policies).
+
+
 # config name → "module:Class" (imported on first use)
 _REGISTRY: dict[str, str] = {
     "round_robin": "round_robin:RoundRobin",
@@ -107,6 +115,17 @@ class PrimaryThenBackup:
     def candidates(self, ctx: RequestContext | None = None) -> Iterator[Backend]:
         yield from self._primary.candidates(ctx)
         yield from self._backup.candidates(ctx)
+
+    # Optional picker hooks (see ClusterRuntime), passed to the side owning the backend.
+
+    def observe(self, backend: Backend, rtt: float, ok: bool = True) -> None:
+        observe = getattr(self._backup if backend.backup else self._primary, "observe", None)
+        if observe is not None:
+            observe(backend, rtt, ok)
+
+    def set_cookie(self, ctx: RequestContext | None, backend: Backend) -> bytes | None:
+        issue = getattr(self._backup if backend.backup else self._primary, "set_cookie", None)
+        return issue(ctx, backend) if issue is not None else None
 
     def __repr__(self) -> str:
         return f"<PrimaryThenBackup {self._primary!r} then {self._backup!r}>"

@@ -44,6 +44,7 @@ class Exchange(RequestHead):
         "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay",
         "_replay_size", "_retried", "response_started", "response_head_sent", "_wrote_client",
         "until_close", "_chunk_out", "_out", "_body_seen", "finished", "_counted",
+        "_ctx", "_started_at",
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
@@ -73,6 +74,7 @@ class Exchange(RequestHead):
         self._body_seen = 0
         self.finished = False
         self._counted = False
+        self._ctx: RequestContext | None = None
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -98,6 +100,8 @@ class Exchange(RequestHead):
             return
         pool.stats.in_flight += 1
         self._counted = True
+        if cluster.observe is not None:
+            self._started_at = self.client.loop.time()
         self._up_out.insert(0, self._request_head())
         idle = pool.idle
         conn = idle.pop() if idle else None
@@ -125,8 +129,14 @@ class Exchange(RequestHead):
 
     def context(self) -> RequestContext:
         """The request as balancing policies see it (built only for those that look)."""
-        return RequestContext(self.client.peer_ip.decode(), self.target, self.method,
-                              self.pairs())
+        if self._ctx is None:
+            self._ctx = RequestContext(self.client.peer_ip.decode(), self.target, self.method,
+                                       self.pairs())
+        return self._ctx
+
+    def _observe(self, ok: bool) -> None:
+        """Report this attempt's latency and outcome to a latency-aware policy."""
+        self.cluster.observe(self.pool.backend, self.client.loop.time() - self._started_at, ok)
 
     # -- phase 2: connection -------------------------------------------------------------
 
@@ -143,6 +153,8 @@ class Exchange(RequestHead):
                 if self.finished:
                     return
                 tried.append(pool)
+                if self.cluster.observe is not None:
+                    self._observe(False)
                 nxt = self.cluster.fallback(self, tried) if e.retryable else None
                 if nxt is None:
                     self.respond_error(e)
@@ -251,6 +263,13 @@ class Exchange(RequestHead):
         """The backend's final response head; ``fields`` are its end-to-end header
         lines (flat name, ": ", value, CRLF groups)."""
         client = self.client
+        cluster = self.cluster
+        if cluster.observe is not None:
+            self._observe(status < 500)
+        if cluster.set_cookie is not None:
+            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
+            if cookie:
+                fields.append(b"set-cookie: " + cookie + CRLF)
         close = (not self.keep_alive or not self.request_complete
                  or (client.draining and not client.queue))
         if not has_length and not (self.head_only or status == 204 or status == 304):
@@ -343,6 +362,9 @@ class Exchange(RequestHead):
         self.upstream_failed(conn, error)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
+        if self.cluster is not None and self.cluster.observe is not None \
+                and not self.response_head_sent:
+            self._observe(False)
         if conn is not None:
             conn.exchange = None
             conn.close()

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 class ClusterRuntime:
     """A cluster's snapshot, picker and per-backend connection pools (one worker)."""
 
-    __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of", "needs_context")
+    __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of", "needs_context",
+                 "observe", "set_cookie")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
@@ -35,6 +36,9 @@ class ClusterRuntime:
         policy = create_policy(name, options)
         self.needs_context = policy.needs_context
         self.picker = build_picker(policy, self.snapshot)
+        # Optional policy hooks (see poise.core.policies): None when the policy has none.
+        self.observe = self.picker.observe if hasattr(type(policy), "observe") else None
+        self.set_cookie = self.picker.set_cookie if hasattr(type(policy), "set_cookie") else None
         self.pools = {
             b: UpstreamPool(b, self.snapshot.stats[b], max_idle=spec.keepalive_max_idle,
                             idle_timeout=spec.keepalive_idle_timeout,
