@@ -50,6 +50,8 @@ class Policy(Protocol):
 # config name → "module:Class" (imported on first use)
 _REGISTRY: dict[str, str] = {
     "round_robin": "round_robin:RoundRobin",
+    "peak_ewma": "ewma:PeakEwma",
+    "sticky": "sticky:Sticky",
 }
 
 
