@@ -39,8 +39,10 @@ def keys(snap):
 
 
 def set_load(snap, picker, backend, load):
+    """Change a count, reporting it as a proxy would, unless the picker is scanning."""
     snap.stats[backend].in_flight = load
-    picker.load_changed(backend)
+    if picker.indexed:
+        picker.load_changed(backend)
 
 
 # -- always a minimum ----------------------------------------------------------------------------

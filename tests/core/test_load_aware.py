@@ -51,10 +51,15 @@ def test_defaults_and_no_context(name):
     assert policy.slow_start == 0.0
     assert policy.needs_context is False
     assert make(name, {"slow_start": 30}).slow_start == 30.0
+    assert make(name, {"slow_start": 2.5}).slow_start == 2.5
+    assert make(name, {"slow_start": "30s"}).slow_start == 30.0
+    assert make(name, {"slow_start": "1m"}).slow_start == 60.0
+    assert make(name, {"slow_start": "0"}).slow_start == 0.0
 
 
 @pytest.mark.parametrize("name", LOAD_AWARE)
-@pytest.mark.parametrize("value", [-1, -0.5, math.inf, math.nan, "30s", None, True, [30]])
+@pytest.mark.parametrize("value", [-1, -0.5, math.inf, math.nan, "-5s", "soon", "30 days",
+                                   None, True, [30]])
 def test_bad_slow_start_is_a_value_error(name, value):
     with pytest.raises(ValueError, match="slow_start"):
         make(name, {"slow_start": value})

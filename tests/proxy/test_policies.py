@@ -79,3 +79,26 @@ def test_sticky_ignores_a_tampered_cookie_and_reissues(stack, three):
     tampered = f"{name}={signed[:-2]}{'AA' if not signed.endswith('AA') else 'BB'}".encode()
     r = _get(px, headers=[(b"Cookie", tampered)])
     assert r.header("set-cookie") is not None, "a tampered cookie must be replaced"
+
+
+@pytest.mark.parametrize("policy", ["least_conn", "p2c", "peak_ewma"])
+def test_load_aware_policies_avoid_a_backend_busy_with_a_slow_request(stack, policy):
+    # Two backends; a slow request holds one of them.  With only two backends, p2c and
+    # peak_ewma always compare both, so like least_conn they must pick the idle one.
+    backends = [stack.backend("b0"), stack.backend("b1")]
+    px = stack.poise([b.address for b in backends], cluster={"policy": policy})
+    with socket.create_connection(px.addr, timeout=10) as slow:
+        slow.sendall(b"GET /slow?delay=1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        _wait_until(lambda: sum(len(b.stats()["requests"]) for b in backends) == 1)
+        busy = next(b.name for b in backends if b.stats()["requests"])
+        names = [_get(px).header("x-backend") for _ in range(6)]
+        assert busy not in names, f"{policy} sent requests to the busy backend: {names}"
+        assert RawReader(slow).read_response().status == 200
+
+
+def _wait_until(condition, timeout: float = 5.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)

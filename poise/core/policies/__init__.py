@@ -44,12 +44,17 @@ class Policy(Protocol):
 #   picker.observe(backend, rtt_seconds, ok)  after each attempt's response head or
 #       failure (latency-aware policies);
 #   picker.set_cookie(ctx, backend) -> bytes | None  for each response: a Set-Cookie
-#       value to add (session-affinity policies).
+#       value to add (session-affinity policies);
+#   picker.load_changed(backend)  after each change of a backend's in_flight count
+#       (policies that index backends by load).
 
 
 # config name → "module:Class" (imported on first use)
 _REGISTRY: dict[str, str] = {
     "round_robin": "round_robin:RoundRobin",
+    "random": "weighted_random:WeightedRandom",
+    "least_conn": "least_conn:LeastConn",
+    "p2c": "p2c:PowerOfTwo",
     "peak_ewma": "ewma:PeakEwma",
     "sticky": "sticky:Sticky",
 }
@@ -128,6 +133,12 @@ class PrimaryThenBackup:
     def set_cookie(self, ctx: RequestContext | None, backend: Backend) -> bytes | None:
         issue = getattr(self._backup if backend.backup else self._primary, "set_cookie", None)
         return issue(ctx, backend) if issue is not None else None
+
+    def load_changed(self, backend: Backend) -> None:
+        changed = getattr(self._backup if backend.backup else self._primary,
+                          "load_changed", None)
+        if changed is not None:
+            changed(backend)
 
     def __repr__(self) -> str:
         return f"<PrimaryThenBackup {self._primary!r} then {self._backup!r}>"

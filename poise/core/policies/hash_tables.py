@@ -21,8 +21,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from itertools import chain, repeat
-from math import inf, isqrt
-from operator import mul, rshift
+from math import isqrt
+from operator import mul
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
@@ -42,7 +42,7 @@ MAX_TABLE_SIZE = 1_000_003
 MIN_SLOTS_PER_BACKEND = 10
 
 _RING_END = 1 << 64          # above every 64-bit hash: a sentinel point that wraps to 0
-_TWO_POW_M53 = 2.0 ** -53
+_TWO_POW_M64 = 2.0 ** -64
 
 
 def node_ids(backends: Sequence[Backend]) -> list[bytes]:
@@ -65,20 +65,17 @@ def is_prime(n: int) -> bool:
     return all(n % d for d in range(3, isqrt(n) + 1, 2))
 
 
-def walk(owners: Sequence[int], start: int, size: int, n: int, ranked: int) -> Iterator[int]:
-    """Distinct owners of ``owners[start:size]`` then ``owners[:start]``; then the
-    ``n - ranked`` backends that own nothing (weight 0), in index order.  Lazy: callers
-    usually stop after one or two."""
+def walk(owners: Sequence[int], start: int, size: int, n: int) -> Iterator[int]:
+    """The ``n`` distinct values of ``owners[start:size]`` then ``owners[:start]``, in
+    that order.  Lazy: callers usually stop after one or two."""
     seen: set[int] = set()
-    if ranked:
-        for j in chain(range(start, size), range(start)):
-            i = owners[j]
-            if i not in seen:
-                seen.add(i)
-                yield i
-                if len(seen) == ranked:
-                    break
-    yield from (i for i in range(n) if i not in seen)
+    for j in chain(range(start, size), range(start)):
+        i = owners[j]
+        if i not in seen:
+            seen.add(i)
+            yield i
+            if len(seen) == n:
+                return
 
 
 class Ring:
@@ -90,7 +87,7 @@ class Ring:
     broken by node id, not config order.
     """
 
-    __slots__ = ("points", "owners", "ranked")
+    __slots__ = ("points", "owners")
 
     def __init__(self, ids: Sequence[bytes], weights: Sequence[int],
                  points_per_weight: int) -> None:
@@ -111,10 +108,8 @@ class Ring:
         mask = (1 << shift) - 1
         self.points = [v >> shift for v in packed]
         self.owners = [ranked[v & mask] for v in packed]
-        self.ranked = sum(1 for w in weights if w > 0)
-        if packed:
-            self.points.append(_RING_END)
-            self.owners.append(self.owners[0])
+        self.points.append(_RING_END)
+        self.owners.append(self.owners[0])
 
     def order(self, h: int, n: int) -> Iterator[int]:
         """Backend indices clockwise from the point owning hash ``h``."""
@@ -124,11 +119,11 @@ class Ring:
         """Backend indices clockwise from ring position ``start`` (as ``bisect_left``
         gives: the sentinel position means point 0)."""
         size = len(self)
-        return walk(self.owners, start if start < size else 0, size, n, self.ranked)
+        return walk(self.owners, start if start < size else 0, size, n)
 
     def __len__(self) -> int:
         """Points on the ring, without the sentinel."""
-        return max(len(self.points) - 1, 0)
+        return len(self.points) - 1
 
 
 class MaglevTable:
@@ -145,7 +140,7 @@ class MaglevTable:
     same members differently still build the same table.
     """
 
-    __slots__ = ("slots", "size", "ranked")
+    __slots__ = ("slots", "size")
 
     def __init__(self, ids: Sequence[bytes], weights: Sequence[int], size: int) -> None:
         n = len(ids)
@@ -156,8 +151,7 @@ class MaglevTable:
                 f"maglev table_size {size} is too small for {n} backends: use a prime of "
                 f"at least {MIN_SLOTS_PER_BACKEND * n} (ideally above {100 * n})")
         self.size = size
-        self.ranked = sum(1 for w in weights if w > 0)
-        self.slots = _populate(ids, weights, size) if self.ranked else []
+        self.slots = _populate(ids, weights, size)
 
     def order(self, h: int, n: int) -> Iterator[int]:
         """Backend indices in table order from the key's slot: the secondary choices of
@@ -166,7 +160,7 @@ class MaglevTable:
         return self.walk_from(h % self.size, n)
 
     def walk_from(self, slot: int, n: int) -> Iterator[int]:
-        return walk(self.slots, slot, len(self.slots), n, self.ranked)
+        return walk(self.slots, slot, self.size, n)
 
 
 def _populate(ids: Sequence[bytes], weights: Sequence[int], size: int) -> list[int]:
@@ -175,7 +169,6 @@ def _populate(ids: Sequence[bytes], weights: Sequence[int], size: int) -> list[i
     # backend never runs out of candidate slots (with a composite size, a skip sharing a
     # factor with it would cycle through a fraction of the table only).
     turns = sorted(range(len(ids)), key=ids.__getitem__)
-    turns = [i for i in turns if weights[i] > 0]
     nxt = [xxh3_64_intdigest(ids[i], _MAGLEV_OFFSET_SEED) % size for i in turns]
     skip = [xxh3_64_intdigest(ids[i], _MAGLEV_SKIP_SEED) % (size - 1) + 1 for i in turns]
     weight = [weights[i] for i in turns]
@@ -205,7 +198,7 @@ def _populate(ids: Sequence[bytes], weights: Sequence[int], size: int) -> list[i
 class Rendezvous:
     """Highest random weight: a key scores every backend and takes the best.
 
-    Backend *i* scores ``u_i = xxh3(key, seed_i)`` scaled into [0, 1).  With weights
+    Backend *i* scores ``u_i = xxh3(key, seed_i)`` scaled into [0, 1].  With weights
     the score is ``u_i ** (1 / w_i)`` (the weighted variant: its maximum falls on
     backend *i* with probability ``w_i / Σw``, the same order as minimising
     ``-ln(u_i) / w_i``, computed without a logarithm); with equal weights the plain hash
@@ -218,17 +211,13 @@ class Rendezvous:
     def __init__(self, ids: Sequence[bytes], weights: Sequence[int]) -> None:
         self.seeds = [xxh3_64_intdigest(node, _RENDEZVOUS_SEED) for node in ids]
         self.n = len(ids)
-        self.exponents = ([1 / w if w > 0 else inf for w in weights]
-                          if len(set(weights)) > 1 else None)
+        self.exponents = [1 / w for w in weights] if len(set(weights)) > 1 else None
 
     def scores(self, key: bytes) -> list[int] | list[float]:
         hashes = map(xxh3_64_intdigest, repeat(key, self.n), self.seeds)
         if self.exponents is None:
             return list(hashes)
-        # u = top 53 bits / 2**53: exact, and below 1 so a weight-0 backend (exponent
-        # inf) always scores 0.
-        return list(map(pow, map(mul, map(rshift, hashes, repeat(11)), repeat(_TWO_POW_M53)),
-                        self.exponents))
+        return list(map(pow, map(mul, hashes, repeat(_TWO_POW_M64)), self.exponents))
 
     def first(self, key: bytes) -> int:
         scores = self.scores(key)
@@ -271,7 +260,7 @@ class LoadBound:
         ``walk(start, n)`` (called only then)."""
         stats, weights = self._stats, self._weights
         load = stats[first].in_flight
-        if not load and weights[first]:
+        if not load:
             return first
         room = self._num * (sum([s.in_flight for s in stats]) + 1)
         den = self._den

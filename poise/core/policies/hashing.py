@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from functools import partial
 from math import isfinite
 from operator import attrgetter, methodcaller
 from typing import Any
@@ -39,6 +40,7 @@ from poise.core.policies.hash_tables import (
 ALGORITHMS = ("ring", "maglev", "rendezvous")
 KEYS = "ip, path, uri, header:NAME, cookie:NAME or query:NAME"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")      # RFC 9110 token
+_QUERY_NAME = re.compile(r"[!-\"$%'-<>-~]+\Z")    # printable ASCII but # & =
 _MAPPED_V4 = "::ffff:"
 _CACHED_TABLES = 4      # memberships remembered per policy (primaries, backups, …)
 
@@ -52,6 +54,15 @@ def _client_ip(ctx: RequestContext) -> bytes:
     if ip.startswith(_MAPPED_V4) and "." in ip:
         ip = ip[len(_MAPPED_V4):]
     return ip.encode()
+
+
+def _query(name: bytes, ctx: RequestContext) -> bytes | None:
+    try:
+        return ctx.query(name)
+    except UnicodeError:
+        # RequestContext.query cannot represent some percent-decoded text (e.g. %E2%82%AC)
+        # and raises: treat the key as missing rather than fail the request.
+        return None
 
 
 def parse_key(spec: object) -> tuple[str, KeyFn]:
@@ -76,11 +87,10 @@ def parse_key(spec: object) -> tuple[str, KeyFn]:
             name = name.lower()
         return f"{kind}:{name}", methodcaller(kind, name.encode("ascii"))
     if sep and kind == "query":
-        if not name:
-            raise ValueError(f"key {spec!r}: query parameter name is empty")
-        # RequestContext decodes the query as latin-1 bytes of the percent-decoded text,
-        # so a non-ASCII name matches as its UTF-8 bytes.
-        return spec, methodcaller("query", name.encode("utf-8"))
+        if not _QUERY_NAME.match(name):
+            raise ValueError(f"key {spec!r}: query parameter name must be non-empty "
+                             "printable ASCII without spaces, '&', '=' or '#'")
+        return spec, partial(_query, name.encode("ascii"))
     raise ValueError(f"key must be one of {KEYS}; got {spec!r}")
 
 
@@ -158,10 +168,10 @@ class Hash:
         backends = snapshot.backends
         if not backends:
             return NoBackends()
-        fallback = self._fallback_policy.build(snapshot)
         weights = [b.weight for b in backends]
-        if not any(w > 0 for w in weights):
-            raise ValueError("hash: no backend has a positive weight")
+        if min(weights) < 1:
+            raise ValueError(f"hash on {self.key}: backend weights must be at least 1")
+        fallback = self._fallback_policy.build(snapshot)
         ids = node_ids(backends)
         table = self._table(ids, weights)
         bound = (None if self.bounded_load is None else

@@ -38,7 +38,8 @@ _in_flight = attrgetter("in_flight")
 
 
 class LeastConn:
-    """Policy ``least_conn``.  Options: ``slow_start`` (seconds, default 0 = off)."""
+    """Policy ``least_conn``.  Options: ``slow_start`` (seconds or a duration such as
+    ``"30s"``; default 0 = off)."""
 
     needs_context = False
 
@@ -152,10 +153,19 @@ class LeastConnPicker(Ramping):
         # ratios (1/2, 2/4) equal floats, so ties are seen as ties.
         keys = list(map(truediv, map(_in_flight, stats), weights))
         low = min(keys)
-        if keys.count(low) == 1:
-            return keys.index(low)
-        ties = [i for i, key in enumerate(keys) if key == low]
-        return _weighted_choice(ties, [weights[i] for i in ties], self._random)
+        i = chosen = keys.index(low)
+        ties = keys.count(low)
+        if ties > 1:
+            # Weighted reservoir sampling over the tied backends: each wins with
+            # probability weight / (sum of tied weights).
+            rnd = self._random
+            total = weights[i]
+            for _ in range(ties - 1):
+                i = keys.index(low, i + 1)
+                total += weights[i]
+                if rnd() * total < weights[i]:
+                    chosen = i
+        return chosen
 
     def candidates(self, ctx: RequestContext | None = None) -> Iterator[Backend]:
         """The pick, then every other backend from least to most loaded (relative to
@@ -187,16 +197,6 @@ class LeastConnPicker(Ramping):
         mode = "indexed" if self._index is not None else "scan"
         ramping = f" ramping={self.ramping}" if self._ramp is not None else ""
         return f"<LeastConnPicker backends={self._n} mode={mode}{ramping}>"
-
-
-def _weighted_choice(items: list[int], weights: Sequence[float],
-                     random: Callable[[], float]) -> int:
-    x = random() * sum(weights)
-    for item, weight in zip(items, weights, strict=True):
-        x -= weight
-        if x < 0:
-            return item
-    return items[-1]
 
 
 class _WeightClass:

@@ -26,7 +26,8 @@ from poise.core.policies.weighted_random import cumulative
 
 class PowerOfTwo:
     """Policy ``p2c``.  Options: ``choices`` (backends compared per pick, int >= 2,
-    default 2) and ``slow_start`` (seconds, default 0 = off)."""
+    default 2) and ``slow_start`` (seconds or a duration such as ``"30s"``; default 0 =
+    off)."""
 
     needs_context = False
 

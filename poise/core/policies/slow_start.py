@@ -1,7 +1,7 @@
 """Slow start: a backend that just became ready gets a growing share of traffic.
 
-With ``slow_start: W`` seconds (0 = off), a backend that became ready at
-``snapshot.ready_since[b]`` (absent: long ago) has the effective weight::
+With ``slow_start: W`` (seconds, or a duration such as ``30s``; 0 = off), a backend that
+became ready at ``snapshot.ready_since[b]`` (absent: long ago) has the effective weight::
 
     weight * (MIN_FRACTION + (1 - MIN_FRACTION) * elapsed / W)    while 0 <= elapsed < W
     weight                                                        afterwards
@@ -25,6 +25,7 @@ from typing import Any
 
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
+from poise.core.units import parse_duration
 
 #: Share of its weight a backend gets the moment it becomes ready.
 MIN_FRACTION = 0.1
@@ -33,12 +34,15 @@ STEPS = 100
 
 
 def check_slow_start(value: Any) -> float:
-    """``value`` as seconds (a finite number >= 0), else a ValueError saying why."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"slow_start must be a number of seconds (0 = off), got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"slow_start must be finite and >= 0 seconds, got {value!r}")
-    return float(value)
+    """The window in seconds from a number or a duration string such as ``30s`` (0 =
+    off); a ValueError saying why for anything else (negative, infinite, not a time)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"slow_start: expected seconds or a duration such as 30s, "
+                         f"got {value!r}")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ValueError(f"slow_start: {e}, got {value!r}") from None
 
 
 def ramp_fraction(elapsed: float, window: float) -> float:

@@ -22,7 +22,8 @@ from poise.core.policies.slow_start import Ramp, Ramping, check_slow_start
 
 
 class WeightedRandom:
-    """Policy ``random``.  Options: ``slow_start`` (seconds, default 0 = off)."""
+    """Policy ``random``.  Options: ``slow_start`` (seconds or a duration such as
+    ``"30s"``; default 0 = off)."""
 
     needs_context = False
 

@@ -100,6 +100,8 @@ class Exchange(RequestHead):
             return
         pool.stats.in_flight += 1
         self._counted = True
+        if cluster.load_changed is not None:
+            cluster.load_changed(pool.backend)
         if cluster.observe is not None:
             self._started_at = self.client.loop.time()
         self._up_out.insert(0, self._request_head())
@@ -162,6 +164,9 @@ class Exchange(RequestHead):
                 pool.stats.in_flight -= 1
                 nxt.stats.in_flight += 1
                 self.pool = nxt
+                if self.cluster.load_changed is not None:
+                    self.cluster.load_changed(pool.backend)
+                    self.cluster.load_changed(nxt.backend)
         if self.finished:
             pool.release(conn)      # the client went away while we connected
             return
@@ -317,6 +322,8 @@ class Exchange(RequestHead):
         if self._counted:
             self._counted = False
             self.pool.stats.in_flight -= 1
+            if self.cluster.load_changed is not None:
+                self.cluster.load_changed(self.pool.backend)
         client.exchange_done(self)
 
     def respond_error(self, error: BaseException) -> None:
@@ -337,12 +344,16 @@ class Exchange(RequestHead):
         if self._counted:
             self._counted = False
             self.pool.stats.in_flight -= 1
+            if self.cluster.load_changed is not None:
+                self.cluster.load_changed(self.pool.backend)
         self.client.exchange_done(self)
 
     def _uncount(self) -> None:
         if self._counted:
             self._counted = False
             self.pool.stats.in_flight -= 1
+            if self.cluster.load_changed is not None:
+                self.cluster.load_changed(self.pool.backend)
 
     # -- failures ------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ class ClusterRuntime:
     """A cluster's snapshot, picker and per-backend connection pools (one worker)."""
 
     __slots__ = ("name", "snapshot", "picker", "pools", "_pool_of", "needs_context",
-                 "observe", "set_cookie")
+                 "observe", "set_cookie", "load_changed")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
@@ -39,6 +39,8 @@ class ClusterRuntime:
         # Optional policy hooks (see poise.core.policies): None when the policy has none.
         self.observe = self.picker.observe if hasattr(type(policy), "observe") else None
         self.set_cookie = self.picker.set_cookie if hasattr(type(policy), "set_cookie") else None
+        inner = getattr(self.picker, "_primary", self.picker)
+        self.load_changed = self.picker.load_changed if hasattr(inner, "load_changed") else None
         self.pools = {
             b: UpstreamPool(b, self.snapshot.stats[b], max_idle=spec.keepalive_max_idle,
                             idle_timeout=spec.keepalive_idle_timeout,
