@@ -56,7 +56,9 @@ class RequestContext:
         if self._query is None:
             _, _, qs = self.target.partition(b"?")
             self._query = {}
-            for key, value in parse_qsl(qs.decode("latin-1"), keep_blank_values=True):
+            # latin-1 round-trips every byte, so no percent-encoding can fail to decode.
+            for key, value in parse_qsl(qs.decode("latin-1"), keep_blank_values=True,
+                                        encoding="latin-1"):
                 self._query.setdefault(key.encode("latin-1"), value.encode("latin-1"))
         return self._query.get(name)
 

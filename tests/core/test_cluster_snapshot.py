@@ -148,3 +148,14 @@ def test_monotonic_clock_does_not_go_back():
     clock = MonotonicClock()
     first = clock.now()
     assert clock.now() >= first
+
+
+def test_request_context_query_keeps_raw_bytes_of_any_percent_encoding():
+    # Regression: non-UTF-8 percent-encodings raised UnicodeEncodeError.
+    from poise.core.context import RequestContext
+
+    ctx = RequestContext(target=b"/x?q=%E2%82%AC&r=%FF&s=1&s=2")
+    assert ctx.query(b"q") == "€".encode()
+    assert ctx.query(b"r") == b"\xff"
+    assert ctx.query(b"s") == b"1"
+    assert ctx.query(b"missing") is None

@@ -1,9 +1,9 @@
 """hash / ip_hash mapping properties: stable, even, weighted, consistent under change.
 
-(poise.core.policies.hashing; options, keys, fallback, candidates and bounded load are in
-test_hashing_policy.py.)  Every statistical test uses fixed keys and backends, so it is
-deterministic; the tolerances say how far from the ideal a correct implementation lands
-and why.
+(poise.core.policies.hashing; options, keys, fallback and candidates are in
+test_hashing_policy.py, bounded load in test_hashing_bounded.py.)  Every statistical
+test uses fixed keys and backends, so it is deterministic; the tolerances say how far
+from the ideal a correct implementation lands and why.
 """
 
 import json

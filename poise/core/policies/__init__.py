@@ -55,6 +55,8 @@ _REGISTRY: dict[str, str] = {
     "random": "weighted_random:WeightedRandom",
     "least_conn": "least_conn:LeastConn",
     "p2c": "p2c:PowerOfTwo",
+    "hash": "hashing:Hash",
+    "ip_hash": "hashing:IpHash",
     "peak_ewma": "ewma:PeakEwma",
     "sticky": "sticky:Sticky",
 }

@@ -219,16 +219,14 @@ class Rendezvous:
             return list(hashes)
         return list(map(pow, map(mul, hashes, repeat(_TWO_POW_M64)), self.exponents))
 
-    def first(self, key: bytes) -> int:
-        scores = self.scores(key)
-        return scores.index(max(scores))
-
     def order(self, key: bytes) -> list[int]:
-        """Every backend index, best first (ties: lower index first, as in ``first``)."""
+        """Every backend index, best first (ties: lower index first, as ``index(max)``)."""
         return sorted(range(self.n), key=self.scores(key).__getitem__, reverse=True)
 
-    def walk_from(self, key: bytes, n: int) -> Iterator[int]:
-        return iter(self.order(key))
+    @staticmethod
+    def walk_scores(scores: list[int] | list[float], n: int) -> Iterator[int]:
+        """Every backend index by these ``scores``, best first (ties: lower index)."""
+        return iter(sorted(range(n), key=scores.__getitem__, reverse=True))
 
 
 class LoadBound:

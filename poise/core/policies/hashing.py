@@ -316,9 +316,11 @@ class RendezvousPicker(_KeyedPicker):
         if not key:
             return self._fallback.pick(ctx)
         table = self._table
+        scores = table.scores(key)
+        first = scores.index(max(scores))
         if self._bound is None:
-            return self._backends[table.first(key)]
-        return self._backends[self._bound.choose(table.first(key), table.walk_from, key)]
+            return self._backends[first]
+        return self._backends[self._bound.choose(first, table.walk_scores, scores)]
 
     def _order(self, key: bytes) -> Iterator[int]:
         return iter(self._table.order(key))
