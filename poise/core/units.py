@@ -37,6 +37,18 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def duration_option(name: str, value: object) -> float:
+    """Seconds from an option given as a number or a duration string: TypeError for
+    other types, ValueError naming the option for bad values (negative, not finite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"{name}: expected seconds or a duration such as 250ms, "
+                        f"got {type(value).__name__}")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}, got {value!r}") from None
+
+
 def parse_size(value: object) -> int:
     """Bytes as an int from ``64KiB``/``1MiB``/``1GiB``/``512`` (plain numbers are bytes)."""
     if isinstance(value, bool):

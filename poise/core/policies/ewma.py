@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from math import exp, isfinite
+from math import exp
 from typing import Any
 
 from poise.core.backend import Backend, BackendStats
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
-from poise.core.units import parse_duration
+from poise.core.units import duration_option
 
 # Samples are clamped into this range: a zero (or NaN) sample would read as "no data"
 # and an infinite one would stick forever.
@@ -48,19 +48,9 @@ _SAMPLED = 3
 
 def _seconds(name: str, value: object, *, zero_ok: bool = False) -> float:
     """A finite duration in seconds from a number or a string such as ``250ms``."""
-    if isinstance(value, str):
-        try:
-            seconds = parse_duration(value)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{name}: expected seconds or a duration such as 250ms, "
-                        f"got {type(value).__name__}")
-    if not isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
-        raise ValueError(f"{name}: expected a {'non-negative' if zero_ok else 'positive'} "
-                         f"finite duration, got {value!r}")
+    seconds = duration_option(name, value)
+    if seconds == 0 and not zero_ok:
+        raise ValueError(f"{name}: expected a positive finite duration, got {value!r}")
     return seconds
 
 

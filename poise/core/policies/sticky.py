@@ -31,7 +31,7 @@ from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
 from poise.core.context import RequestContext
 from poise.core.policies import POLICIES, Picker, Policy, create_policy
-from poise.core.units import parse_duration
+from poise.core.units import duration_option
 
 MIN_SECRET_LENGTH = 16
 _ID_BYTES = 9       # 72 bits: ids only need to differ between one cluster's backends
@@ -237,17 +237,8 @@ def _fallback_spec(fallback: object) -> tuple[str, dict[str, Any]]:
 def _max_age(max_age: object) -> int | None:
     if max_age is None:
         return None
-    if isinstance(max_age, str):
-        try:
-            seconds = parse_duration(max_age)
-        except ValueError as e:
-            raise ValueError(f"max_age: {e}") from None
-    elif isinstance(max_age, int | float) and not isinstance(max_age, bool):
-        seconds = float(max_age)
-    else:
-        raise TypeError(f"max_age: expected seconds, a duration or null, "
-                        f"got {type(max_age).__name__}")
-    if not seconds >= 1 or seconds == float("inf"):
+    seconds = duration_option("max_age", max_age)
+    if not seconds >= 1:
         raise ValueError(f"max_age: expected at least 1 second (or null for a session "
                          f"cookie), got {max_age!r}")
     return round(seconds)

@@ -319,11 +319,7 @@ class Exchange(RequestHead):
         else:
             conn.close()
         self.finished = True
-        if self._counted:
-            self._counted = False
-            self.pool.stats.in_flight -= 1
-            if self.cluster.load_changed is not None:
-                self.cluster.load_changed(self.pool.backend)
+        self._uncount()
         client.exchange_done(self)
 
     def respond_error(self, error: BaseException) -> None:
@@ -341,14 +337,11 @@ class Exchange(RequestHead):
         if self.finished:
             return
         self.finished = True
-        if self._counted:
-            self._counted = False
-            self.pool.stats.in_flight -= 1
-            if self.cluster.load_changed is not None:
-                self.cluster.load_changed(self.pool.backend)
+        self._uncount()
         self.client.exchange_done(self)
 
     def _uncount(self) -> None:
+        """This request no longer counts as in flight on its backend."""
         if self._counted:
             self._counted = False
             self.pool.stats.in_flight -= 1
