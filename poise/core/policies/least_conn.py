@@ -32,25 +32,17 @@ from poise.core.backend import Backend, BackendStats
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
 from poise.core.context import RequestContext
-from poise.core.policies.slow_start import Ramp, Ramping, check_slow_start
+from poise.core.policies.slow_start import Ramp, RampedPolicy, Ramping
 
 _in_flight = attrgetter("in_flight")
 
 
-class LeastConn:
+class LeastConn(RampedPolicy):
     """Policy ``least_conn``.  Options: ``slow_start`` (seconds or a duration such as
     ``"30s"``; default 0 = off)."""
 
-    needs_context = False
-
-    def __init__(self, *, slow_start: float = 0.0, rng: random.Random, clock: Clock) -> None:
-        self.slow_start = check_slow_start(slow_start)
-        self._rng = rng
-        self._clock = clock
-
     def build(self, snapshot: ClusterSnapshot) -> LeastConnPicker:
-        return LeastConnPicker(snapshot, Ramp.plan(snapshot, self.slow_start, self._clock),
-                               self._rng, self._clock)
+        return LeastConnPicker(snapshot, self._ramp(snapshot), self._rng, self._clock)
 
     def __repr__(self) -> str:
         return f"<LeastConn slow_start={self.slow_start:g}s>"

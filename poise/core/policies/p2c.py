@@ -20,30 +20,24 @@ from poise.core.backend import Backend, BackendStats
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
 from poise.core.context import RequestContext
-from poise.core.policies.slow_start import Ramp, Ramping, check_slow_start
+from poise.core.policies.slow_start import Ramp, RampedPolicy, Ramping
 from poise.core.policies.weighted_random import cumulative
 
 
-class PowerOfTwo:
+class PowerOfTwo(RampedPolicy):
     """Policy ``p2c``.  Options: ``choices`` (backends compared per pick, int >= 2,
     default 2) and ``slow_start`` (seconds or a duration such as ``"30s"``; default 0 =
     off)."""
-
-    needs_context = False
 
     def __init__(self, *, choices: int = 2, slow_start: float = 0.0, rng: random.Random,
                  clock: Clock) -> None:
         if isinstance(choices, bool) or not isinstance(choices, int) or choices < 2:
             raise ValueError(f"choices must be an integer >= 2, got {choices!r}")
         self.choices = choices
-        self.slow_start = check_slow_start(slow_start)
-        self._rng = rng
-        self._clock = clock
+        super().__init__(slow_start=slow_start, rng=rng, clock=clock)
 
     def build(self, snapshot: ClusterSnapshot) -> P2CPicker:
-        return P2CPicker(snapshot, self.choices,
-                         Ramp.plan(snapshot, self.slow_start, self._clock), self._rng,
-                         self._clock)
+        return P2CPicker(snapshot, self.choices, self._ramp(snapshot), self._rng, self._clock)
 
     def __repr__(self) -> str:
         return f"<PowerOfTwo choices={self.choices} slow_start={self.slow_start:g}s>"

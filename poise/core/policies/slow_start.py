@@ -20,12 +20,13 @@ clock read per pick at all, and a ramp that ends switches the picker back to tha
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
-from poise.core.units import parse_duration
+from poise.core.units import duration_option
 
 #: Share of its weight a backend gets the moment it becomes ready.
 MIN_FRACTION = 0.1
@@ -36,13 +37,10 @@ STEPS = 100
 def check_slow_start(value: Any) -> float:
     """The window in seconds from a number or a duration string such as ``30s`` (0 =
     off); a ValueError saying why for anything else (negative, infinite, not a time)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"slow_start: expected seconds or a duration such as 30s, "
-                         f"got {value!r}")
     try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise ValueError(f"slow_start: {e}, got {value!r}") from None
+        return duration_option("slow_start", value)
+    except TypeError as e:          # config errors are ValueErrors for this option
+        raise ValueError(str(e)) from None
 
 
 def ramp_fraction(elapsed: float, window: float) -> float:
@@ -146,3 +144,18 @@ class Ramping:
         if ramp is None:
             return 0
         return sum(1 for start in ramp.starts.values() if start + ramp.window > self._ramp_now)
+
+
+class RampedPolicy:
+    """Base of the policies that take ``slow_start``: keeps the option, the injected
+    rng and clock, and plans each snapshot's ramp."""
+
+    needs_context = False
+
+    def __init__(self, *, slow_start: float = 0.0, rng: random.Random, clock: Clock) -> None:
+        self.slow_start = check_slow_start(slow_start)
+        self._rng = rng
+        self._clock = clock
+
+    def _ramp(self, snapshot: ClusterSnapshot) -> Ramp:
+        return Ramp.plan(snapshot, self.slow_start, self._clock)

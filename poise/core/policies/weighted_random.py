@@ -18,23 +18,15 @@ from poise.core.backend import Backend
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
 from poise.core.context import RequestContext
-from poise.core.policies.slow_start import Ramp, Ramping, check_slow_start
+from poise.core.policies.slow_start import Ramp, RampedPolicy, Ramping
 
 
-class WeightedRandom:
+class WeightedRandom(RampedPolicy):
     """Policy ``random``.  Options: ``slow_start`` (seconds or a duration such as
     ``"30s"``; default 0 = off)."""
 
-    needs_context = False
-
-    def __init__(self, *, slow_start: float = 0.0, rng: random.Random, clock: Clock) -> None:
-        self.slow_start = check_slow_start(slow_start)
-        self._rng = rng
-        self._clock = clock
-
     def build(self, snapshot: ClusterSnapshot) -> RandomPicker:
-        return RandomPicker(snapshot.backends, Ramp.plan(snapshot, self.slow_start, self._clock),
-                            self._rng, self._clock)
+        return RandomPicker(snapshot.backends, self._ramp(snapshot), self._rng, self._clock)
 
     def __repr__(self) -> str:
         return f"<WeightedRandom slow_start={self.slow_start:g}s>"
