@@ -35,8 +35,10 @@ class ClusterSnapshot:
               ready_since: dict[Backend, float] | None = None) -> ClusterSnapshot:
         """A new snapshot; stats of backends already in ``previous`` are kept."""
         members = tuple(backends)
-        old = previous.stats if previous is not None else {}
-        stats = {b: old.get(b) or BackendStats() for b in members}
+        # By address: a backend whose weight (or other metadata) changed is still the
+        # same server, with the same requests in flight.
+        old = {(b.host, b.port): s for b, s in previous.stats.items()} if previous else {}
+        stats = {b: old.get((b.host, b.port)) or BackendStats() for b in members}
         return cls(name, members, stats, frozenset(unready), ready_since)
 
     def subset(self, backends: Iterable[Backend]) -> ClusterSnapshot:

@@ -71,12 +71,17 @@ def test_build_drops_stats_of_removed_backends():
     assert second.backends == (B,)
 
 
-def test_a_reweighted_backend_is_a_new_backend():
+def test_a_reweighted_backend_keeps_its_live_stats():
+    # Changing a weight at runtime does not make the server forget the requests it has
+    # in flight (least_conn and peak_ewma read them): stats are carried by address.
     first = ClusterSnapshot.build("app", [A])
     first.stats[A].requests = 5
     heavier = Backend("10.0.0.1", 80, weight=2)
     second = ClusterSnapshot.build("app", [heavier], previous=first)
-    assert second.stats[heavier] is not first.stats[A]
+    assert second.stats[heavier] is first.stats[A]
+    other = Backend("10.0.0.1", 81)
+    third = ClusterSnapshot.build("app", [other], previous=second)
+    assert third.stats[other] is not first.stats[A]
 
 
 def test_previous_snapshot_is_not_mutated():

@@ -248,3 +248,15 @@ def test_any_backend_bytes_leave_the_client_a_valid_stream(loop, data):
         conn.connection_lost(None)
     statuses = responses_of(stack.transport.data)
     assert len(statuses) <= 1 + statuses.count(100), statuses
+
+
+def test_an_error_after_a_declined_upgrade_is_a_400_not_an_internal_error(loop):
+    # Regression (found by the property test above): the request after an h2c GET was
+    # parsed while the upgrade exception was being handled, so its missing-Host error
+    # chained onto that exception and was reported as a bug (500).
+    stack = Stack(loop)
+    stack.client.data_received(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+        b"GET / HTTP/1.1\r\nNo-Host: a\r\n\r\n")
+    stack.answer_pending()
+    assert responses_of(stack.transport.data) == [200, 400]

@@ -24,7 +24,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from poise.core.clock import Clock
+from poise.core.clock import Clock, MonotonicClock
 from poise.core.cluster import ClusterSnapshot
 from poise.core.units import duration_option
 
@@ -152,10 +152,11 @@ class RampedPolicy:
 
     needs_context = False
 
-    def __init__(self, *, slow_start: float = 0.0, rng: random.Random, clock: Clock) -> None:
+    def __init__(self, *, slow_start: float = 0.0, rng: random.Random | None = None,
+                 clock: Clock | None = None) -> None:
         self.slow_start = check_slow_start(slow_start)
-        self._rng = rng
-        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock if clock is not None else MonotonicClock()
 
     def _ramp(self, snapshot: ClusterSnapshot) -> Ramp:
         return Ramp.plan(snapshot, self.slow_start, self._clock)

@@ -122,10 +122,11 @@ class ClientConnection(asyncio.Protocol):
             bounds.pos = bounds.body_start = bounds.body_len = 0
         else:
             bounds.read(data)
+        upgraded_at = -1
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._after_upgrade(data, e.args[0])
+            upgraded_at = e.args[0]
         except httptools.HttpParserError as e:
             self._parse_failed(_translate(e))
         else:
@@ -133,6 +134,9 @@ class ClientConnection(asyncio.Protocol):
                 bounds.read_done(self._in_head)
                 if self._in_head:
                     self._head_continues()
+        if upgraded_at >= 0:
+            # Outside the except block: errors in the rest must not chain onto it.
+            self._after_upgrade(data, upgraded_at)
         cur = self.current
         if cur is not None and cur._up_out:
             cur.flush_upstream()
