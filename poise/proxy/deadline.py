@@ -40,11 +40,6 @@ class Deadline:
         if self._handle is None:
             self._arm(when)
 
-    def set_at(self, when: float) -> None:
-        self.when = when
-        if self._handle is None or when < self._armed_for:
-            self._arm(when)
-
     def clear(self) -> None:
         """No deadline; an armed timer will fire and find nothing to do."""
         self.when = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from poise.core import retry
 from poise.core.context import RequestContext
 from poise.errors import NoRoute, PoiseError, UpstreamProtocolError
 from poise.proxy.http.errors import error_response, status_of
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.
 REPLAY_LIMIT = 64 * 1024
@@ -48,7 +49,7 @@ class Exchange(RequestHead):
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
-        # RequestHead's slots (see RequestHead.init_head), set here to save a call.
+        # RequestHead's slots
         self.fields: list[bytes] = []
         self.host: bytes | None = None
         self.content_length = -1

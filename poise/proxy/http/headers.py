@@ -46,22 +46,6 @@ def drop_listed(fields: list[bytes], connection_values: list[bytes]) -> list[byt
     return out
 
 
-def end_to_end(headers: list[tuple[bytes, bytes]], listed: frozenset[bytes],
-               drop: frozenset[bytes] = frozenset()) -> list[bytes]:
-    """Header lines (``name: value\\r\\n``) that survive hop-by-hop removal.
-
-    ``listed`` holds the names a Connection header nominated; ``drop`` more names
-    (lower-case) that the caller will set itself.
-    """
-    out = []
-    for name, value in headers:
-        low = name.lower()
-        if low in HOP_BY_HOP or low in listed or low in drop:
-            continue
-        out.append(name + b": " + value + CRLF)
-    return out
-
-
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body."""
     return b"%x\r\n%b\r\n" % (len(data), data)

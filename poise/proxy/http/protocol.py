@@ -173,7 +173,7 @@ class ClientConnection(asyncio.Protocol):
         # Limits are checked when the head is complete (one read holds at most 256 KiB;
         # a head spanning reads is bounded by _head_continues).
         self._header_count += 1
-        if (name[0] | 0x20) in WATCH_FIRST:     # (RequestHead.add, inlined)
+        if (name[0] | 0x20) in WATCH_FIRST:     # headers that need a look
             self._parsing.add_watched(name, value)
         else:
             self._parsing.fields += (name, b": ", value, CRLF)

@@ -25,31 +25,13 @@ class RequestHead:
     CRLF`` groups, hop-by-hop and X-Forwarded-* removed) and the facts the proxy needs.
 
     The base of :class:`~poise.proxy.http.exchange.Exchange`: a request's exchange
-    starts life as its head being parsed.  ``init_head`` sets these slots (the
-    Exchange inlines it on its hot path).
+    starts life as its head being parsed, and ``Exchange.__init__`` sets these slots.
+    ClientConnection.on_header sends names whose first letter is in WATCH_FIRST to
+    ``add_watched`` and appends the rest to ``fields`` itself.
     """
 
     __slots__ = ("fields", "host", "content_length", "chunked", "te", "expect_continue",
                  "xff", "connection", "upgrade", "max_body")
-
-    def init_head(self, max_body: int) -> None:
-        self.fields: list[bytes] = []
-        self.host: bytes | None = None
-        self.content_length = -1
-        self.chunked = False
-        self.te = False
-        self.expect_continue = False
-        self.xff: bytes | None = None
-        self.connection: list[bytes] | None = None
-        self.upgrade = False
-        self.max_body = max_body
-
-    def add(self, name: bytes, value: bytes) -> None:
-        """One parsed header. Raises BadRequest (400) or PayloadTooLarge (413)."""
-        if (name[0] | 0x20) in WATCH_FIRST:
-            self.add_watched(name, value)
-        else:
-            self.fields += (name, b": ", value, CRLF)
 
     def add_watched(self, name: bytes, value: bytes) -> None:
         """A header whose name starts like one that needs attention (WATCH_FIRST)."""
