@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from poise.config.model import Config
+from poise.config.units import parse_duration
 from poise.core.policies import POLICIES, create_policy
 from poise.errors import ConfigError
 
@@ -97,6 +98,7 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
                 errors.append((f"clusters[{i}].backends[{j}].address",
                                f"duplicate backend {address}"))
             seen.add(address)
+        errors.extend(_resilience_errors(f"clusters[{i}]", c))
     names: set[str] = set()
     binds: set[str] = set()
     for i, lst in _items(data, "listeners"):
@@ -115,6 +117,33 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
                                f"unknown cluster {cluster!r}"))
     return errors
+
+
+def _resilience_errors(path: str, cluster: dict[str, Any]) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    retries = cluster.get("retries")
+    per_try = _duration(retries.get("per_try_timeout")) if isinstance(retries, dict) else None
+    total = _duration(cluster.get("request_timeout"))
+    if per_try is not None and total is not None and per_try > total:
+        errors.append((f"{path}.retries.per_try_timeout",
+                       f"must not exceed request_timeout ({total:g}s)"))
+    if cluster.get("max_pending") is not None and cluster.get("max_connections") is None \
+            and not any(b.get("max_connections") is not None
+                        for _, b in _items(cluster, "backends")):
+        errors.append((f"{path}.max_pending",
+                       "has no effect without max_connections: requests only queue when a "
+                       "connection limit (the cluster's or a backend's) is reached"))
+    return errors
+
+
+def _duration(value: object) -> float | None:
+    """Seconds, or None when ``value`` is absent or malformed (the schema reports that)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        return None
 
 
 def _items(data: Any, key: str) -> list[tuple[int, dict[str, Any]]]:

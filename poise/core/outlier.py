@@ -92,6 +92,11 @@ class OutlierDetector:
         record = self._records.get(backend)
         return record is not None and record.ejected_until is not None
 
+    def ejected_until(self, backend: object) -> float | None:
+        """Clock time at which ``backend``'s ejection ends; None when not ejected."""
+        record = self._records.get(backend)
+        return None if record is None else record.ejected_until
+
     def ejected_count(self) -> int:
         return sum(1 for r in self._records.values() if r.ejected_until is not None)
 

@@ -1,6 +1,7 @@
-"""Human-friendly durations, sizes and addresses: ``250ms``, ``2s``, ``1m``, ``1h`` / ``64KiB``, ``1MiB``.
+"""Human-friendly durations, sizes, percentages and addresses: ``250ms``, ``2s``, ``1m``,
+``1h`` / ``64KiB``, ``1MiB`` / ``10%``.
 
-Plain numbers are seconds (durations) or bytes (sizes).
+Plain numbers are seconds (durations), bytes (sizes) or percent (percentages).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|K|M|G)?\s*$")
 _SIZE_UNITS = {
@@ -64,6 +67,27 @@ def parse_size(value: object) -> int:
     if size < 0:
         raise ValueError("a size cannot be negative")
     return size
+
+
+def parse_percent(value: object, maximum: float = 1.0) -> float:
+    """A fraction (``10%`` → 0.1) from ``10%``/``12.5%`` or a plain number of percent
+    (``10`` → 0.1, not 10.0), between 0 and ``maximum`` (a fraction; 1.0 = 100%)."""
+    expected = "expected a percentage like 10%"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int | float):
+        percent = float(value)
+    elif isinstance(value, str) and (m := _PERCENT.match(value)):
+        percent = float(m.group(1))
+    else:
+        raise ValueError(expected)
+    if not math.isfinite(percent):
+        raise ValueError(f"{expected}, got a non-finite number")
+    if percent < 0:
+        raise ValueError("a percentage cannot be negative")
+    if percent > maximum * 100:
+        raise ValueError(f"a percentage cannot exceed {maximum * 100:g}%")
+    return percent / 100
 
 
 def parse_address(value: object) -> tuple[str, int]:

@@ -215,8 +215,8 @@ def test_bad_backend_address_path_and_message():
     (MINIMAL_YAML.replace("      - cluster: app ", "      - cluster: app\n        weight: 3 "),
      "listeners[0].routes[0].weight"),
     (MINIMAL_YAML.replace("    policy: round_robin\n",
-                          "    policy: round_robin\n    retries: 3\n"),
-     "clusters[0].retries"),
+                          "    policy: round_robin\n    retry_count: 3\n"),
+     "clusters[0].retry_count"),
     (MINIMAL_YAML.replace("        weight: 2\n", "        weight: 2\n        zone: a\n"),
      "clusters[0].backends[1].zone"),
 ])

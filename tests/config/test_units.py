@@ -1,10 +1,12 @@
-"""Durations, sizes and addresses as the config accepts them (poise.config.units)."""
+"""Durations, sizes, percentages and addresses as the config accepts them (poise.config.units,
+poise.core.units)."""
 
 import math
 
 import pytest
 
 from poise.config.units import parse_address, parse_duration, parse_size
+from poise.core.units import parse_percent
 
 # -- durations ----------------------------------------------------------------------------
 
@@ -149,3 +151,55 @@ def test_non_ascii_digits_are_not_a_port():
     # str.isdigit() accepts '²', which int() then refuses: the error must still be ours.
     with pytest.raises(ValueError, match="expected host:port"):
         parse_address("127.0.0.1:²")
+
+
+# -- percentages ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "fraction"), [
+    ("10%", 0.10),
+    ("12.5%", 0.125),
+    ("0%", 0.0),
+    ("100%", 1.0),
+    (" 5 % ", 0.05),
+    (10, 0.10),          # a plain number is percent, not a fraction
+    (12.5, 0.125),
+    (0, 0.0),
+    (100, 1.0),
+    (0.5, 0.005),
+])
+def test_percentages_are_fractions(value, fraction):
+    result = parse_percent(value)
+    assert isinstance(result, float)
+    assert result == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize("bad", ["10", "ten%", "%", "10 %%", "1e1%", "-5%", "0.1.%", "",
+                                 None, [], True, False])
+def test_bad_percentages(bad):
+    with pytest.raises(ValueError, match="expected a percentage like 10%"):
+        parse_percent(bad)
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5])
+def test_negative_percentage(bad):
+    with pytest.raises(ValueError, match="cannot be negative"):
+        parse_percent(bad)
+
+
+@pytest.mark.parametrize("bad", ["101%", "100.5%", 101, 1000])
+def test_percentage_above_100(bad):
+    with pytest.raises(ValueError, match="cannot exceed 100%"):
+        parse_percent(bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_percentage(bad):
+    with pytest.raises(ValueError, match="expected a percentage"):
+        parse_percent(bad)
+
+
+def test_percentage_maximum_can_be_raised():
+    assert parse_percent("1000%", maximum=10.0) == 10.0
+    with pytest.raises(ValueError, match="cannot exceed 1000%"):
+        parse_percent("1000.1%", maximum=10.0)
