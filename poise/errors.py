@@ -91,6 +91,21 @@ class NoBackendAvailable(PoiseError):
     status = 503
 
 
+class Overloaded(NoBackendAvailable):
+    """A circuit-breaker limit of the cluster is reached (``limit`` names it; the
+    response carries it in ``x-poise-limit``)."""
+
+    def __init__(self, limit: str, detail: str = "") -> None:
+        super().__init__(detail or f"cluster limit reached: {limit}")
+        self.limit = limit
+
+
+class RequestDeadlineExceeded(PoiseError):
+    """The cluster's request_timeout passed before a response head arrived."""
+
+    status = 504
+
+
 # -- upstream: the backend failed us -----------------------------------------------------
 
 class UpstreamError(PoiseError):

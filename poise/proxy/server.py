@@ -35,6 +35,8 @@ class ProxyServer:
                 reuse_port=reuse_port, backlog=4096)
             self.servers.append(server)
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        for cluster in self.clusters.values():
+            cluster.start()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -65,6 +67,7 @@ class ProxyServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for cluster in self.clusters.values():
+            cluster.stop()
             for pool in cluster.pools.values():
                 pool.close_idle()
         return clean

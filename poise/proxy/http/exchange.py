@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 from poise.core import retry
 from poise.core.context import RequestContext
-from poise.errors import NoRoute, PoiseError, UpstreamProtocolError
+from poise.core.outlier import Outcome
+from poise.errors import NoRoute, Overloaded, PoiseError, UpstreamProtocolError, UpstreamTimeout
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
+from poise.proxy.http.resilience import Resilience
 
 if TYPE_CHECKING:
     from poise.proxy.http.protocol import ClientConnection
@@ -37,15 +39,16 @@ _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Exchange(RequestHead):
+class Exchange(Resilience, RequestHead):
     """The life of one request. Created by ClientConnection when a request begins."""
 
     __slots__ = (
         "client", "cluster", "method", "target", "http11", "keep_alive", "head_only",
         "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay",
-        "_replay_size", "_retried", "response_started", "response_head_sent", "_wrote_client",
-        "until_close", "_chunk_out", "_out", "_body_seen", "finished", "_counted",
-        "_ctx", "_started_at",
+        "_replay_size", "_replay_limit", "_retried", "response_started", "response_head_sent",
+        "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
+        "_counted", "_ctx", "_started_at", "_held", "_tries", "_tried", "_deadline_at",
+        "_timer",
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
@@ -65,6 +68,7 @@ class Exchange(RequestHead):
         self._up_out: list[bytes] = []
         self._up_size = 0
         self._replay_size = 0
+        self._replay_limit = REPLAY_LIMIT
         self._retried = False
         self.response_started = False     # an upstream byte arrived
         self.response_head_sent = False   # a response head is queued or sent
@@ -76,6 +80,13 @@ class Exchange(RequestHead):
         self.finished = False
         self._counted = False
         self._ctx: RequestContext | None = None
+        # Resilience's slots: slots held in the cluster's limits (bit flags), tries,
+        # backends tried, the request deadline and the queue/backoff timer.
+        self._held = 0
+        self._tries = 1
+        self._tried: list[UpstreamPool] | None = None
+        self._deadline_at: float | None = None
+        self._timer = None
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -92,20 +103,29 @@ class Exchange(RequestHead):
     # -- phase 1: route and pick ---------------------------------------------------------
 
     def start(self) -> None:
-        """Route, pick a backend and attach an idle upstream connection (or open one)."""
+        """Route, admit (cluster limits), pick a backend, then send."""
         try:
             cluster = self.cluster = self.client.site.router.catch_all or self._route()
+            if cluster.guarded:
+                self._admit(cluster)
             pool = self.pool = cluster.choose(self)
         except PoiseError as e:
             self.respond_error(e)
             return
+        self._up_out.insert(0, self._request_head())
+        self._send(pool)
+
+    def _send(self, pool: UpstreamPool) -> None:
+        """Count the attempt on ``pool``'s backend and attach an idle upstream
+        connection, or open one (or wait in the queue when a limit is reached)."""
+        self.pool = pool
         pool.stats.in_flight += 1
         self._counted = True
+        cluster = self.cluster
         if cluster.load_changed is not None:
             cluster.load_changed(pool.backend)
         if cluster.observe is not None:
             self._started_at = self.client.loop.time()
-        self._up_out.insert(0, self._request_head())
         idle = pool.idle
         conn = idle.pop() if idle else None
         if conn is not None and not conn.usable:
@@ -114,7 +134,7 @@ class Exchange(RequestHead):
         if conn is not None:
             conn.reused = True
             self._attach(conn)
-        else:
+        elif cluster.limits is None or self._may_connect():
             self.client.loop.create_task(self._connect())
 
     def _route(self) -> ClusterRuntime:
@@ -147,20 +167,26 @@ class Exchange(RequestHead):
         """Open a connection; when connecting fails (nothing was sent yet) try the
         other ready backends once each before answering with the last error."""
         tried: list[UpstreamPool] = []
+        cluster = self.cluster
         while True:
             pool = self.pool
             try:
-                conn = await pool.connect()
+                conn = await pool.connect(self._connect_timeout())
                 break
             except PoiseError as e:
                 if self.finished:
                     return
                 tried.append(pool)
-                if self.cluster.observe is not None:
+                if cluster.observe is not None:
                     self._observe(False)
-                nxt = self.cluster.fallback(self, tried) if e.retryable else None
+                if cluster.failure_statuses is not None:
+                    cluster.report(pool, Outcome.GATEWAY_ERROR)
+                nxt = cluster.fallback(self, tried) if e.retryable else None
+                if nxt is not None and cluster.limits is not None and \
+                        cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
+                    nxt = None
                 if nxt is None:
-                    self.respond_error(e)
+                    self.respond_error(self._deadline_error(e))
                     return
                 pool.stats.in_flight -= 1
                 nxt.stats.in_flight += 1
@@ -179,7 +205,10 @@ class Exchange(RequestHead):
         self.conn = conn
         conn.exchange = self
         if self.request_complete:   # else request_done starts the response deadline
-            conn.deadline.push(conn.pool.response_timeout)
+            if self._deadline_at is None:
+                conn.deadline.push(conn.pool.response_timeout)
+            else:
+                self._arm_response_deadline(conn)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
@@ -225,7 +254,7 @@ class Exchange(RequestHead):
         if replay is not None:
             replay.append(data)
             self._replay_size += len(data)
-            if self._replay_size > REPLAY_LIMIT:
+            if self._replay_size > self._replay_limit:
                 self._replay = None
         if self.conn is None and self._up_size > BUFFER_LIMIT:
             self.client.block_reading(BUFFERING)
@@ -235,7 +264,10 @@ class Exchange(RequestHead):
         self.request_complete = True
         conn = self.conn
         if conn is not None:
-            conn.deadline.push(conn.pool.response_timeout)
+            if self._deadline_at is None:
+                conn.deadline.push(conn.pool.response_timeout)
+            else:
+                self._arm_response_deadline(conn)
         if self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:
@@ -272,6 +304,15 @@ class Exchange(RequestHead):
         cluster = self.cluster
         if cluster.observe is not None:
             self._observe(status < 500)
+        if cluster.failure_statuses is not None:
+            if status in cluster.failure_statuses:
+                cluster.report(self.pool, cluster.outcome_of(status))
+            elif self.pool.failing:
+                cluster.report(self.pool, Outcome.SUCCESS)
+        if cluster.retry is not None and status in cluster.retry.statuses \
+                and self._may_retry("on_status"):
+            self._drop_response()
+            return
         if cluster.set_cookie is not None:
             cookie = cluster.set_cookie(self._ctx, self.pool.backend)
             if cookie:
@@ -315,12 +356,12 @@ class Exchange(RequestHead):
             client.transport.write(out[0] if len(out) == 1 else b"".join(out))
             self._wrote_client = True
         self.conn = None
+        self.finished = True
+        self._end()
         if self.request_complete and conn.usable:
             self.pool.release(conn)
         else:
             conn.close()
-        self.finished = True
-        self._uncount()
         client.exchange_done(self)
 
     def respond_error(self, error: BaseException) -> None:
@@ -329,7 +370,9 @@ class Exchange(RequestHead):
         body_pending = not self.request_complete and (self.content_length > 0 or self.chunked)
         close = not self.keep_alive or body_pending
         self.keep_alive = not close
-        self._out.append(error_response(status_of(error), close, self.head_only))
+        extra = b"x-poise-limit: %s\r\n" % error.limit.encode() \
+            if isinstance(error, Overloaded) else b""
+        self._out.append(error_response(status_of(error), close, self.head_only, extra))
         self.response_head_sent = True
         self.flush_client()
         self._finish()
@@ -338,7 +381,7 @@ class Exchange(RequestHead):
         if self.finished:
             return
         self.finished = True
-        self._uncount()
+        self._end()
         self.client.exchange_done(self)
 
     def _uncount(self) -> None:
@@ -367,9 +410,12 @@ class Exchange(RequestHead):
         self.upstream_failed(conn, error)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
-        if self.cluster is not None and self.cluster.observe is not None \
-                and not self.response_head_sent:
-            self._observe(False)
+        cluster = self.cluster
+        if not self.response_head_sent and cluster is not None:
+            if cluster.observe is not None:
+                self._observe(False)
+            if cluster.failure_statuses is not None:
+                cluster.report(self.pool, Outcome.GATEWAY_ERROR)
         if conn is not None:
             conn.exchange = None
             conn.close()
@@ -378,18 +424,21 @@ class Exchange(RequestHead):
             return
         if self._wrote_client:
             self.finished = True    # truncated response: the client must see a close
-            self._uncount()
+            self._end()
             self.client.abort()
             return
+        if self._may_retry("on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
+            self._retry()
+            return
         self._out.clear()
-        self.respond_error(error)
+        self.respond_error(self._deadline_error(error))
 
     def abandon(self) -> None:
         """The client went away: drop the upstream side without reusing it."""
         if self.finished:
             return
         self.finished = True
-        self._uncount()
+        self._end()
         conn = self.conn
         if conn is not None:
             self.conn = None

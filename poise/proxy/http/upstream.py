@@ -29,6 +29,7 @@ from poise.proxy.deadline import Deadline
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 
 if TYPE_CHECKING:
+    from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.exchange import Exchange
 
 
@@ -36,24 +37,34 @@ class UpstreamPool:
     """Idle keep-alive connections to one backend (LIFO, so the warmest is reused).
 
     ``max_idle`` caps idle connections kept; ``idle_timeout`` closes those unused for
-    longer (swept by :meth:`expire`).
+    longer (swept by :meth:`expire`).  ``active`` counts open and opening connections
+    (``max_connections`` caps it, None = no cap); a connection released while requests
+    wait in the cluster's queue goes to them instead of the idle list.
     """
 
-    __slots__ = ("backend", "stats", "idle", "max_idle", "idle_timeout", "connect_timeout",
-                 "response_timeout", "loop", "active")
+    __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
+                 "connect_timeout", "response_timeout", "max_connections", "loop", "active",
+                 "failing")
 
-    def __init__(self, backend: Backend, stats: BackendStats, *, max_idle: int,
-                 idle_timeout: float, connect_timeout: float, response_timeout: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
+                 *, max_idle: int, idle_timeout: float, connect_timeout: float,
+                 response_timeout: float, loop: asyncio.AbstractEventLoop,
+                 max_connections: int | None = None) -> None:
         self.backend = backend
         self.stats = stats
+        self.cluster = cluster
+        # The cluster's queue of requests waiting for a connection (shared).
+        self.pending: deque[Exchange] = cluster.pending if cluster is not None else deque()
         self.idle: deque[UpstreamConnection] = deque()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
+        self.max_connections = max_connections
         self.loop = loop
         self.active = 0
+        # The backend's last outcome reported to outlier detection was a failure.
+        self.failing = False
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -65,19 +76,41 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def connect(self) -> UpstreamConnection:
-        """A new connection; raises UpstreamConnectError / UpstreamConnectTimeout."""
+    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
+        """A new connection within ``timeout`` (default ``connect_timeout``); raises
+        UpstreamConnectError / UpstreamConnectTimeout."""
         b = self.backend
+        conn = UpstreamConnection(self)
+        self.opening()
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self), b.host, b.port)
-        except TimeoutError:
-            raise UpstreamConnectTimeout(f"connect to {b.address} timed out") from None
-        except OSError as e:
-            reason = errno.errorcode.get(e.errno or 0, str(e))
-            raise UpstreamConnectError(f"connect to {b.address} failed: {reason}") from None
+            async with asyncio.timeout(self.connect_timeout if timeout is None else timeout):
+                await self.loop.create_connection(lambda: conn, b.host, b.port)
+        except BaseException as e:
+            if conn.transport is None:  # else its connection_lost does the accounting
+                self.closed()
+            if isinstance(e, TimeoutError):
+                raise UpstreamConnectTimeout(f"connect to {b.address} timed out") from None
+            if isinstance(e, OSError):
+                reason = errno.errorcode.get(e.errno or 0, str(e))
+                raise UpstreamConnectError(f"connect to {b.address} failed: {reason}") from None
+            raise
         return conn
+
+    def opening(self) -> None:
+        """A connection is being opened: it counts against the limits from now on."""
+        self.active += 1
+        cluster = self.cluster
+        if cluster is not None and cluster.limits is not None:
+            cluster.limits.opened()
+
+    def closed(self) -> None:
+        """A connection counted by :meth:`opening` is gone; a queued request may connect."""
+        self.active -= 1
+        cluster = self.cluster
+        if cluster is not None and cluster.limits is not None:
+            cluster.limits.closed()
+            if self.pending:
+                cluster.connection_freed()
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange completed cleanly."""
@@ -86,6 +119,8 @@ class UpstreamPool:
             return
         if conn.reading_paused:     # an idle connection must read, to notice a close
             conn.resume_reading()
+        if self.pending and self.cluster.hand_over(self, conn):
+            return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
 
@@ -138,13 +173,12 @@ class UpstreamConnection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.usable = True
-        self.pool.active += 1
         self.pool.stats.active_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self.pool.active -= 1
         self.pool.stats.active_connections -= 1
+        self.pool.closed()
         self.deadline.clear()
         ex = self.exchange
         if ex is not None:
@@ -178,6 +212,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
                 ex.upstream_failed(self, UpstreamProtocolError(f"malformed response: {e}"))
                 return
+        if self.exchange is not ex:     # the exchange dropped this response to retry
+            self.close()
+            return
         if self._done:
             self._response_done(ex)     # flushes too
         elif ex._out:
