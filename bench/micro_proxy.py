@@ -4,7 +4,10 @@ Drives a ClientConnection and an UpstreamConnection with in-memory transports:
 one keep-alive GET in, one small response back, per iteration.  What it measures is
 the interpreter work poise adds on top of the syscalls (which `make bench` covers).
 
-    .venv/bin/python bench/micro_proxy.py [iterations]
+    .venv/bin/python bench/micro_proxy.py [iterations] [--resilience]
+
+``--resilience`` adds an (unstarted) health check and outlier detection to the cluster:
+the per-request cost of having them configured.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from poise.proxy.http.upstream import UpstreamConnection
 CONFIG = """
 listeners: [{name: web, bind: "127.0.0.1:1", routes: [{cluster: app}]}]
 clusters: [{name: app, backends: [{address: "127.0.0.1:2"}, {address: "127.0.0.1:3"}]}]
+"""
+RESILIENCE = """
+    health_check: {path: /health, interval: 1s}
+    outlier_detection: {consecutive_failures: 5}
 """
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:19500\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\n"
@@ -52,9 +59,13 @@ class MemoryTransport:
     def abort(self) -> None: ...
 
 
-def main(iterations: int) -> None:
+def main(iterations: int, resilience: bool = False) -> None:
     loop = uvloop.new_event_loop()
-    config = parse_config(CONFIG)
+    text = CONFIG
+    if resilience:
+        text = CONFIG.replace("clusters: [{name: app,", "clusters: [{name: app, "
+                              + RESILIENCE.strip().replace("\n    ", ", ") + ",")
+    config = parse_config(text)
     clusters = {c.name: ClusterRuntime(c, loop) for c in config.clusters}
     site = Site(config.listeners[0], clusters, loop)
     upstreams = {}
@@ -86,4 +97,5 @@ def main(iterations: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(int(args[0]) if args else 200_000, "--resilience" in sys.argv)

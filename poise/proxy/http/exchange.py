@@ -47,8 +47,7 @@ class Exchange(Resilience, RequestHead):
         "request_complete", "pool", "conn", "_up_out", "_up_size", "_replay",
         "_replay_size", "_replay_limit", "_retried", "response_started", "response_head_sent",
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
-        "_counted", "_ctx", "_started_at", "_held", "_tries", "_tried", "_deadline_at",
-        "_timer",
+        "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
     )
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
@@ -80,10 +79,9 @@ class Exchange(Resilience, RequestHead):
         self.finished = False
         self._counted = False
         self._ctx: RequestContext | None = None
-        # Resilience's slots: slots held in the cluster's limits (bit flags), tries,
-        # backends tried, the request deadline and the queue/backoff timer.
+        # Resilience's slots: slots held in the cluster's limits (bit flags), backends
+        # tried and failed, the request deadline and the queue/backoff timer.
         self._held = 0
-        self._tries = 1
         self._tried: list[UpstreamPool] | None = None
         self._deadline_at: float | None = None
         self._timer = None

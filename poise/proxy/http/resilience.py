@@ -25,7 +25,7 @@ PENDING = 4
 
 
 class Resilience:
-    # Its slots (_held, _tries, _tried, _deadline_at, _timer) are Exchange's: two bases
+    # Its slots (_held, _tried, _deadline_at, _timer) are Exchange's: two bases
     # with slots of their own cannot be combined.
     __slots__ = ()
 
@@ -140,7 +140,9 @@ class Resilience:
         replayable and nothing of the response was relayed, time is left, and the
         budget and the max_retries limit allow it (the retry is counted then)."""
         retry = self.cluster.retry
-        if retry is None or self._tries >= retry.attempts or self.finished:
+        if retry is None or self.finished:
+            return False
+        if 1 + (len(self._tried) if self._tried else 0) >= retry.attempts:
             return False
         if trigger != "on_status" and not getattr(retry, trigger):
             return False
@@ -172,8 +174,7 @@ class Resilience:
         self._uncount()
         tried = self._tried = [*(self._tried or ()), failed]
         nxt = cluster.fallback(self, tried) or failed
-        delay = backoff(self._tries, cluster.rng, retry.backoff_base, retry.backoff_max)
-        self._tries += 1
+        delay = backoff(len(tried), cluster.rng, retry.backoff_base, retry.backoff_max)
         if self._deadline_at is not None and \
                 self.client.loop.time() + delay >= self._deadline_at:
             self.respond_error(RequestDeadlineExceeded(
@@ -196,7 +197,11 @@ class Resilience:
 
     def _end(self) -> None:
         """The exchange is over: nothing counts as in flight or held any more."""
-        self._uncount()
+        if self._counted:       # (_uncount, inlined: this runs for every request)
+            self._counted = False
+            self.pool.stats.in_flight -= 1
+            if self.cluster.load_changed is not None:
+                self.cluster.load_changed(self.pool.backend)
         if self._held:
             self._leave_queue()
             limits = self.cluster.limits
