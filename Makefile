@@ -32,6 +32,7 @@ bench: install
 	@bash .ci/apt-deps bench
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/policies.py
+	$(BIN)/python bench/checks.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

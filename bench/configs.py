@@ -75,8 +75,19 @@ def nginx_proxy(root: Path, port: int, backends: list[int]) -> list[str]:
     return _nginx_argv(prefix, conf)
 
 
-def poise(root: Path, port: int, backends: list[int], cmd: str) -> list[str]:
-    """poise: `<cmd> CONFIG` with a one-worker, round-robin YAML config."""
+# Cluster keys added for the poise+checks variant.
+RESILIENCE = """\
+    health_check: {path: /, interval: 1s, timeout: 500ms}
+    outlier_detection: {consecutive_failures: 5, consecutive_gateway_errors: 5}
+"""
+
+
+def poise(root: Path, port: int, backends: list[int], cmd: str,
+          resilience: bool = False) -> list[str]:
+    """poise: `<cmd> CONFIG` with a one-worker, round-robin YAML config; ``resilience``
+    adds an active health check and outlier detection."""
     servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backends)
-    conf = render("poise.yaml", root / "poise.yaml", port=port, servers=servers)
+    name = "poise-checks.yaml" if resilience else "poise.yaml"
+    conf = render("poise.yaml", root / name, port=port, servers=servers,
+                  resilience=RESILIENCE if resilience else "")
     return shlex.split(cmd) + [str(conf)]

@@ -132,6 +132,13 @@ def cpu_verdict(small: dict) -> dict | None:
     return {"ratio": ratio, "bar": CPU_BAR, "pass": ratio <= CPU_BAR}
 
 
+def resilience_overhead(small: dict) -> float | None:
+    """poise+checks CPU/request divided by poise's; None if either is missing."""
+    base = small.get("poise", {}).get("cpu_us_per_req")
+    checked = small.get("poise+checks", {}).get("cpu_us_per_req")
+    return _ratio(checked, base)
+
+
 # ---------------------------------------------------------------- markdown
 
 
@@ -172,6 +179,10 @@ def render_markdown(result: dict) -> str:
     lines += _table(["proxy", "req/s", "p50", "p99", "CPU µs/req", "ratio to HAProxy CPU/req",
                      "backend CPU µs/req", "errors"], rows or [["(none measured)"] + [""] * 7])
     lines += ["", f"**{verdict_line(summary['cpu_verdict'])}**", ""]
+    overhead = resilience_overhead(summary["small"])
+    if overhead is not None:
+        lines += [f"Health checks + outlier detection configured (poise+checks ÷ poise CPU/req): "
+                  f"{overhead:.3f}× (issue 4 bar ≤ 1.05×)", ""]
     if s["stream"]:
         lines += [f"## Streaming (GET /big, {BIG_SIZE // MIB} MiB body, "
                   f"`wrk -t1 -c{s['stream_connections']}` × {s['duration']} s)", ""]

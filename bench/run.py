@@ -32,7 +32,9 @@ import procs  # noqa: E402
 import report  # noqa: E402
 
 REPO = BENCH_DIR.parent
-PROXIES = ("poise", "haproxy", "nginx")
+# poise+checks: poise with an active health check and outlier detection configured
+# (the cost of resilience on the keep-alive path; issue 4 allows at most +5%).
+PROXIES = ("poise", "poise+checks", "haproxy", "nginx")
 STREAM_CONNECTIONS = 4
 
 
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per proxy (default 2)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--only", default=",".join(PROXIES),
-                   help="comma-separated subset of: poise,haproxy,nginx")
+                   help="comma-separated subset of: poise,poise+checks,haproxy,nginx")
     p.add_argument("--quick", action="store_true", help="1 round of 3 s, 1 s warm-up")
     p.add_argument("--poise-cmd", default=f"{REPO}/.venv/bin/poise run",
                    help="command that runs poise; the config path is appended")
@@ -94,8 +96,9 @@ def start_service(stack: ExitStack, name: str, argv: list[str], root: Path,
 
 def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> list[str]:
     """Write the proxy's config and return its command line."""
-    if name == "poise":
-        return configs.poise(root, port, backends, args.poise_cmd)
+    if name.startswith("poise"):
+        return configs.poise(root, port, backends, args.poise_cmd,
+                             resilience=name == "poise+checks")
     if name == "haproxy":
         return configs.haproxy(root, port, backends)
     return configs.nginx_proxy(root, port, backends)
@@ -166,6 +169,8 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
                             else ("/big", STREAM_CONNECTIONS, False))
     for rnd in range(1, args.rounds + 1):
         for name, (svc, port) in list(running.items()):
+            if phase == "stream" and name == "poise+checks":
+                continue    # per-request costs only: streaming is the same data path
             if drop_if_dead(name, svc, running, failures):
                 continue
             log(f"# {phase} round {rnd}/{args.rounds}: {name} ({args.duration} s, -c{conns})")
