@@ -164,7 +164,7 @@ class Exchange(Resilience, RequestHead):
     async def _connect(self) -> None:
         """Open a connection; when connecting fails (nothing was sent yet) try the
         other ready backends once each before answering with the last error."""
-        tried: list[UpstreamPool] = []
+        tried: list[UpstreamPool] = list(self._tried or ())     # (earlier tries failed)
         cluster = self.cluster
         while True:
             pool = self.pool
@@ -179,7 +179,11 @@ class Exchange(Resilience, RequestHead):
                     self._observe(False)
                 if cluster.failure_statuses is not None:
                     cluster.report(pool, Outcome.GATEWAY_ERROR)
-                nxt = cluster.fallback(self, tried) if e.retryable else None
+                # Nothing was sent: another backend is always safe to try, unless the
+                # cluster's retries leave connect failures out.
+                failover = e.retryable and (cluster.retry is None
+                                            or cluster.retry.on_connect_failure)
+                nxt = cluster.fallback(self, tried) if failover else None
                 if nxt is not None and cluster.limits is not None and \
                         cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
                     nxt = None
