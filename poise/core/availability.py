@@ -106,6 +106,17 @@ class ClusterHealth:
             if self._change(key, HealthFlag.OUTLIER_EJECTED, True):
                 self._refresh()
 
+    def recovered(self, backend: Backend) -> None:
+        """The backend's active check came back up (it was down and passed ``rise``
+        probes): clear ``ACTIVE_CHECK_FAILED`` and end an outlier ejection early,
+        since the ejection most likely came from the same outage."""
+        key = _key(backend)
+        changed = self._change(key, HealthFlag.ACTIVE_CHECK_FAILED, False)
+        if self._outlier is not None and self._outlier.end_ejection(key):
+            changed |= self._change(key, HealthFlag.OUTLIER_EJECTED, False)
+        if changed:
+            self._refresh()
+
     def tick(self) -> None:
         """Release the ejections that have ended (a released backend takes traffic
         again unless another flag is set).  Call at :meth:`next_release`."""

@@ -92,6 +92,17 @@ class OutlierDetector:
         record = self._records.get(backend)
         return record is not None and record.ejected_until is not None
 
+    def end_ejection(self, backend: object) -> bool:
+        """End ``backend``'s ejection now (it proved healthy another way, e.g. its
+        active check came back up); True when it was ejected.  The count of its
+        ejections is kept, so a relapse is ejected for longer."""
+        record = self._records.get(backend)
+        if record is None or record.ejected_until is None:
+            return False
+        record.ejected_until = None
+        record.failures = record.gateway_errors = 0
+        return True
+
     def ejected_until(self, backend: object) -> float | None:
         """Clock time at which ``backend``'s ejection ends; None when not ejected."""
         record = self._records.get(backend)

@@ -68,7 +68,7 @@ class ClusterRuntime:
     __slots__ = ("name", "loop", "policy", "snapshot", "picker", "pools", "_pool_of",
                  "needs_context", "observe", "set_cookie", "load_changed", "health",
                  "checker", "limits", "pending", "queue_timeout", "retry", "request_timeout",
-                 "failure_statuses", "rng", "_release_timer", "guarded")
+                 "failure_statuses", "rng", "_release_timer", "_release_at", "guarded")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
         self.name = spec.name
@@ -93,6 +93,7 @@ class ClusterRuntime:
         self.failure_statuses = None if outlier is None else frozenset(
             code for lo, hi in outlier.failure_statuses for code in range(lo, hi + 1))
         self._release_timer: asyncio.TimerHandle | None = None
+        self._release_at = 0.0
         self.limits = ClusterLimits(
             max_connections=spec.max_connections, max_pending=spec.max_pending,
             max_requests=spec.max_requests, max_retries=spec.max_retries,
@@ -164,7 +165,7 @@ class ClusterRuntime:
         for failures, and for a success only while the backend has a failure streak."""
         pool.failing = outcome is not Outcome.SUCCESS
         self.health.report(pool.backend, outcome)
-        if self._release_timer is None:
+        if outcome is not Outcome.SUCCESS:
             self._schedule_release()
 
     def outcome_of(self, status: int) -> Outcome:
@@ -228,12 +229,23 @@ class ClusterRuntime:
                              else None)
 
     def _check_result(self, backend: Backend, healthy: bool) -> None:
-        self.health.set_flag(backend, HealthFlag.ACTIVE_CHECK_FAILED, not healthy)
+        if healthy:
+            self.health.recovered(backend)
+        else:
+            self.health.set_flag(backend, HealthFlag.ACTIVE_CHECK_FAILED, True)
 
     def _schedule_release(self) -> None:
+        """Arm the timer for the earliest ejection end (re-armed if it moved earlier)."""
         when = self.health.next_release()
+        timer = self._release_timer
+        if timer is not None:
+            if when is not None and when >= self._release_at:
+                return
+            timer.cancel()
+            self._release_timer = None
         if when is None:
             return
+        self._release_at = when
         delay = max(0.0, when - MonotonicClock().now())
         self._release_timer = self.loop.call_later(delay, self._release)
 

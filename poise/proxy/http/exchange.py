@@ -22,6 +22,8 @@ from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import Resilience
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from poise.proxy.http.protocol import ClientConnection
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
@@ -133,7 +135,7 @@ class Exchange(Resilience, RequestHead):
             conn.reused = True
             self._attach(conn)
         elif cluster.limits is None or self._may_connect():
-            self.client.loop.create_task(self._connect())
+            self._open()
 
     def _route(self) -> ClusterRuntime:
         path = self.target.split(b"?", 1)[0]
@@ -161,15 +163,19 @@ class Exchange(Resilience, RequestHead):
 
     # -- phase 2: connection -------------------------------------------------------------
 
-    async def _connect(self) -> None:
-        """Open a connection; when connecting fails (nothing was sent yet) try the
-        other ready backends once each before answering with the last error."""
+    def _open(self) -> None:
+        """Open a connection to ``self.pool`` (counted against the limits at once)."""
+        self.client.loop.create_task(self._connect(self.pool.connect(self._connect_timeout())))
+
+    async def _connect(self, connecting: Awaitable[UpstreamConnection]) -> None:
+        """Finish opening a connection; when connecting fails (nothing was sent yet)
+        try the other ready backends once each before answering with the last error."""
         tried: list[UpstreamPool] = list(self._tried or ())     # (earlier tries failed)
         cluster = self.cluster
         while True:
             pool = self.pool
             try:
-                conn = await pool.connect(self._connect_timeout())
+                conn = await connecting
                 break
             except PoiseError as e:
                 if self.finished:
@@ -193,6 +199,7 @@ class Exchange(Resilience, RequestHead):
                 pool.stats.in_flight -= 1
                 nxt.stats.in_flight += 1
                 self.pool = nxt
+                connecting = nxt.connect(self._connect_timeout())
                 if self.cluster.load_changed is not None:
                     self.cluster.load_changed(pool.backend)
                     self.cluster.load_changed(nxt.backend)
@@ -406,8 +413,8 @@ class Exchange(Resilience, RequestHead):
             # Everything sent so far, again: the head, then the body bytes seen (some
             # may still wait in _up_out, which follows them).
             self._up_out[:0] = [self._request_head(), *self._replay]
-            self._replay = None     # never a third attempt
-            self.client.loop.create_task(self._connect())
+            if self.cluster.limits is None or self._may_connect():
+                self._open()
             return
         self.upstream_failed(conn, error)
 
@@ -430,7 +437,7 @@ class Exchange(Resilience, RequestHead):
             self.client.abort()
             return
         if self._may_retry("on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
-            self._retry()
+            self._retry(error)
             return
         self._out.clear()
         self.respond_error(self._deadline_error(error))

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 from poise.core.limits import Overflow
 from poise.core.retry import backoff
-from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded
+from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
+_SLACK = 0.001
 # Slots an exchange holds in its cluster's limits (bits of ``_held``).
 REQUEST = 1
 RETRY = 2
@@ -82,7 +83,7 @@ class Resilience:
             self._attach(conn)
             self.flush_upstream()
         else:
-            self.client.loop.create_task(self._connect())
+            self._open()
 
     def _queue_expired(self) -> None:
         self._timer = None
@@ -123,7 +124,10 @@ class Resilience:
         conn.deadline.set(max(0.0, min(conn.pool.response_timeout, left)))
 
     def _deadline_passed(self) -> bool:
-        return self._deadline_at is not None and self.client.loop.time() >= self._deadline_at
+        # (libuv timers have millisecond granularity: one firing at the deadline may
+        # read a clock a hair before it.)
+        return (self._deadline_at is not None
+                and self.client.loop.time() + _SLACK >= self._deadline_at)
 
     def _deadline_error(self, error: PoiseError) -> PoiseError:
         """``error``, or a deadline error when the request deadline is what ran out."""
@@ -164,10 +168,11 @@ class Resilience:
         self.conn = None
         conn.exchange = None
         conn.usable = False
-        self._retry()
+        self._retry(UpstreamProtocolError("retried status"))
 
-    def _retry(self) -> None:
-        """Send the request again after a backoff, to another backend when one is left."""
+    def _retry(self, error: PoiseError) -> None:
+        """Send the request again after a backoff, to another backend when one is left
+        (``error``, this try's failure, is the answer if that cannot happen after all)."""
         cluster = self.cluster
         retry = cluster.retry
         failed = self.pool
@@ -180,11 +185,14 @@ class Resilience:
             self.respond_error(RequestDeadlineExceeded(
                 f"request_timeout ({cluster.request_timeout:g}s) passed before a retry"))
             return
-        self._timer = self.client.loop.call_later(delay, self._resend, nxt)
+        self._timer = self.client.loop.call_later(delay, self._resend, nxt, error)
 
-    def _resend(self, pool: UpstreamPool) -> None:
+    def _resend(self, pool: UpstreamPool, error: PoiseError) -> None:
         self._timer = None
         if self.finished:
+            return
+        if self._replay is None:    # the body kept arriving and outgrew the replay buffer
+            self.respond_error(error)
             return
         self.pool = pool
         # The body seen so far is all in _replay (whatever waited in _up_out too).

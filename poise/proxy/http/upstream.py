@@ -29,6 +29,8 @@ from poise.proxy.deadline import Deadline
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.exchange import Exchange
 
@@ -76,12 +78,16 @@ class UpstreamPool:
             conn.close()
         return None
 
-    async def connect(self, timeout: float | None = None) -> UpstreamConnection:
-        """A new connection within ``timeout`` (default ``connect_timeout``); raises
-        UpstreamConnectError / UpstreamConnectTimeout."""
-        b = self.backend
+    def connect(self, timeout: float | None = None) -> Awaitable[UpstreamConnection]:
+        """Start opening a connection, counted against the limits from this call on;
+        await the result for the connection (within ``timeout``, default
+        ``connect_timeout``), or UpstreamConnectError / UpstreamConnectTimeout."""
         conn = UpstreamConnection(self)
         self.opening()
+        return self._open(conn, timeout)
+
+    async def _open(self, conn: UpstreamConnection, timeout: float | None) -> UpstreamConnection:
+        b = self.backend
         try:
             async with asyncio.timeout(self.connect_timeout if timeout is None else timeout):
                 await self.loop.create_connection(lambda: conn, b.host, b.port)
