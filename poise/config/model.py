@@ -194,6 +194,10 @@ class Listener(Strict):
     max_request_body: Size = 1024**3
     # Add X-Forwarded-For/-Proto/-Host to forwarded requests.
     forwarded_headers: bool = True
+    # A client that closes its side (FIN) while requests are in flight has given up:
+    # cancel them and free their upstream connections (nginx's default; HAProxy's
+    # `option abortonclose`).  False: treat the FIN as a half-close and still answer.
+    abort_on_client_close: bool = True
 
 
 class BackendConfig(Strict):

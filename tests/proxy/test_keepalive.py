@@ -161,8 +161,10 @@ def test_many_pipelined_requests(proxy):
     assert targets == [f"/echo?i={i}" for i in range(50)]
 
 
-def test_half_closed_client_still_gets_its_responses(proxy):
-    px, _ = proxy
+def test_half_closed_client_still_gets_its_responses(module_stack, proxy):
+    """With abort_on_client_close off, a FIN is a half-close: the requests sent before
+    it are answered (by default a FIN cancels them: tests/e2e/test_resilience.py)."""
+    px = module_stack.poise([proxy[1]], listener={"abort_on_client_close": False})
     with connect(px.addr) as s:
         s.sendall(b"GET /slow?delay=0.2 HTTP/1.1\r\nHost: x\r\n\r\n"
                   b"GET /echo?two HTTP/1.1\r\nHost: x\r\n\r\n")

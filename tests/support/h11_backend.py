@@ -26,6 +26,14 @@ Process options: ``--close-after-response`` closes every connection silently (no
 ``Connection: close``) right after each response; ``--idle-timeout`` closes a
 keep-alive connection silently after that long without a request; ``--drop-reused``
 closes the connection without answering the second request on each connection.
+
+Resilience options: ``--fail-ratio R`` answers a share R of the requests (drawn from a
+``random.Random(--fail-seed)``, so the sequence is reproducible) with 500 instead;
+``--health-status N`` answers ``/health`` with status N (it is an echo otherwise);
+``--hang`` reads every request and never answers (as ``/never``).  ``/_stats`` also
+counts ``peer_closed``: requests left waiting (``/never``, ``--hang``) whose peer
+closed the connection; each request record has ``at``, its ``time.monotonic()`` on
+arrival (system-wide on Linux, so comparable with the test process's clock).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import socket
 import struct
 import sys
@@ -72,11 +81,12 @@ class Stats:
         self.requests: list[dict] = []
         self.connections: set[int] = set()
         self.dropped = 0
+        self.peer_closed = 0
 
     def snapshot(self) -> dict:
         with self.lock:
             return {"requests": list(self.requests), "connections": len(self.connections),
-                    "dropped": self.dropped}
+                    "dropped": self.dropped, "peer_closed": self.peer_closed}
 
 
 class Server:
@@ -85,6 +95,10 @@ class Server:
         self.close_after_response = args.close_after_response
         self.idle_timeout = args.idle_timeout
         self.drop_reused = args.drop_reused
+        self.fail_ratio = args.fail_ratio
+        self.fail_rng = random.Random(args.fail_seed)
+        self.health_status = args.health_status
+        self.hang = args.hang
         self.stats = Stats()
         self.listener = socket.create_server(("127.0.0.1", args.port), backlog=1024)
         self._ids = 0
@@ -197,10 +211,25 @@ class Connection:
         with stats.lock:
             stats.connections.add(self.cid)
             stats.requests.append({"method": req.method.decode(), "target": target,
-                                   "conn": self.cid, "index": self.index})
+                                   "conn": self.cid, "index": self.index,
+                                   "at": time.monotonic()})
             if self.server.drop_reused and self.index == 2:
                 stats.dropped += 1
                 raise Closed()
+            fail = (self.server.fail_ratio > 0
+                    and self.server.fail_rng.random() < self.server.fail_ratio)
+        if self.server.hang:
+            self.do_never(req, path, query)
+        if fail:
+            self.read_body(req)
+            self.respond(500, [("X-Backend", self.server.name), ("Content-Length", "5")],
+                         b"fail\n")
+            return
+        if path == "/health" and self.server.health_status is not None:
+            self.read_body(req)
+            self.respond(self.server.health_status,
+                         [("X-Backend", self.server.name), ("Content-Length", "0")])
+            return
         handler = getattr(self, "do_" + path.strip("/").split("/")[0], self.do_echo)
         handler(req, path, query)
 
@@ -302,7 +331,17 @@ class Connection:
         ], body)
 
     def do_never(self, req: h11.Request, path: str, query: dict) -> None:
-        self.wait_for_close(limit=120)
+        self.sock.settimeout(120)
+        try:
+            while self.sock.recv(RECV):
+                pass
+        except TimeoutError:
+            raise Closed() from None
+        except OSError:
+            pass
+        with self.server.stats.lock:
+            self.server.stats.peer_closed += 1
+        raise Closed()
 
     def do_stall(self, req: h11.Request, path: str, query: dict) -> None:
         time.sleep(float(query.get("delay", "60")))
@@ -327,6 +366,77 @@ class Connection:
         self.wait_for_close()
 
 
+# -- controls for the resilience and health-check tests --------------------------------
+# Added behaviours (new paths only; everything above is unchanged):
+# ``/_health/fail`` and ``/_health/ok`` make ``/health`` answer 503 / 200 from then on
+#     (``/health`` echoes before either is called);
+# ``/_mode?status=N`` makes ``/mode`` answer status N; ``/_mode?kind=reset|close|never``
+#     makes it behave as that path; ``/_mode?early=N`` makes it answer status N (and
+#     ``Connection: close``) before reading the request body;
+#     ``/_mode?kind=drop-reused&delay=S`` makes it close, S seconds after reading it, a
+#     request that is not the first on its connection (and echo the first); ``/_mode``
+#     alone makes it echo again;
+# ``/partial?send=N&total=M&delay=S``  a head announcing M body bytes, N of them, a
+#     pause of S seconds, then a reset.
+# Requests to these paths are counted in ``/_stats`` like any other.
+
+def _do_health_control(self: Connection, req: h11.Request, path: str, query: dict) -> None:
+    self.read_body(req)
+    self.server.test_health = 503 if path.endswith("/fail") else 200
+    self.respond_json({"health": self.server.test_health})
+
+
+def _do_health(self: Connection, req: h11.Request, path: str, query: dict) -> None:
+    status = getattr(self.server, "test_health", None)
+    if status is None:
+        self.do_echo(req, path, query)
+    else:
+        self.do_status(req, f"/status/{status}", query)
+
+
+def _do_mode_control(self: Connection, req: h11.Request, path: str, query: dict) -> None:
+    self.read_body(req)
+    self.server.test_mode = dict(query)
+    self.respond_json({"mode": self.server.test_mode})
+
+
+def _do_mode(self: Connection, req: h11.Request, path: str, query: dict) -> None:
+    mode = getattr(self.server, "test_mode", {})
+    if "early" in mode:         # answer at once, without reading the body, and close
+        body = b"early %s\n" % mode["early"].encode()
+        self.sock.sendall(b"HTTP/1.1 %s Early\r\nContent-Length: %d\r\nConnection: close\r\n"
+                          b"X-Backend: %s\r\n\r\n%s" % (mode["early"].encode(), len(body),
+                                                         self.server.name.encode(), body))
+        self.wait_for_close()
+    if "status" in mode:
+        self.do_status(req, f"/status/{mode['status']}", query)
+    elif mode.get("kind") == "drop-reused" and self.index > 1:
+        self.read_body(req)
+        time.sleep(float(mode.get("delay", "0.3")))
+        raise Closed()
+    elif mode.get("kind") in ("reset", "close", "never"):
+        getattr(self, "do_" + mode["kind"])(req, path, query)
+    else:
+        self.do_echo(req, path, query)
+
+
+def _do_partial(self: Connection, req: h11.Request, path: str, query: dict) -> None:
+    self.read_body(req)
+    total, send = int(query.get("total", "1000")), int(query.get("send", "100"))
+    self.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Backend: %b\r\n\r\n%b"
+                      % (total, self.server.name.encode(), b"p" * send))
+    time.sleep(float(query.get("delay", "0.2")))
+    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raise Closed()
+
+
+Connection.do__health = _do_health_control
+Connection.do_health = _do_health
+Connection.do__mode = _do_mode_control
+Connection.do_mode = _do_mode
+Connection.do_partial = _do_partial
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--name", default="backend")
@@ -334,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--close-after-response", action="store_true")
     p.add_argument("--idle-timeout", type=float, default=None)
     p.add_argument("--drop-reused", action="store_true")
+    p.add_argument("--fail-ratio", type=float, default=0.0)
+    p.add_argument("--fail-seed", type=int, default=0)
+    p.add_argument("--health-status", type=int, default=None)
+    p.add_argument("--hang", action="store_true")
     args = p.parse_args(argv)
     try:
         Server(args).serve_forever()

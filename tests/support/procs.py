@@ -77,15 +77,28 @@ class Backend:
     """An h11 backend process (see :mod:`tests.support.h11_backend`)."""
 
     def __init__(self, name: str = "b1", *, close_after_response: bool = False,
-                 idle_timeout: float | None = None, drop_reused: bool = False) -> None:
+                 idle_timeout: float | None = None, drop_reused: bool = False,
+                 port: int = 0, fail_ratio: float = 0.0, fail_seed: int = 0,
+                 health_status: int | None = None, hang: bool = False) -> None:
         self.name = name
-        args = [sys.executable, "-m", "tests.support.h11_backend", "--name", name]
+        self.options = dict(close_after_response=close_after_response,
+                            idle_timeout=idle_timeout, drop_reused=drop_reused,
+                            fail_ratio=fail_ratio, fail_seed=fail_seed,
+                            health_status=health_status, hang=hang)
+        args = [sys.executable, "-m", "tests.support.h11_backend", "--name", name,
+                "--port", str(port)]
         if close_after_response:
             args.append("--close-after-response")
         if idle_timeout is not None:
             args += ["--idle-timeout", str(idle_timeout)]
         if drop_reused:
             args.append("--drop-reused")
+        if fail_ratio:
+            args += ["--fail-ratio", str(fail_ratio), "--fail-seed", str(fail_seed)]
+        if health_status is not None:
+            args += ["--health-status", str(health_status)]
+        if hang:
+            args.append("--hang")
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
@@ -104,7 +117,8 @@ class Backend:
         return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
     def stats(self) -> dict:
-        """``{"requests": [{method, target, conn, index}], "connections": n, "dropped": n}``."""
+        """``{"requests": [{method, target, conn, index, at}], "connections": n,
+        "dropped": n, "peer_closed": n}``."""
         return self._call("/_stats")
 
     def reset(self) -> None:
@@ -112,6 +126,12 @@ class Backend:
 
     def targets(self) -> list[str]:
         return [r["target"] for r in self.stats()["requests"]]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, its sockets are closed by the kernel."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -253,6 +273,14 @@ class Stack:
         self.backends.append(b)
         return b
 
+    def restart(self, backend: Backend, **options) -> Backend:
+        """Kill ``backend`` (SIGKILL) if it still runs and start a new process with the
+        same name and options (``options`` override them) on the same port."""
+        backend.kill()
+        b = Backend(backend.name, port=backend.port, **{**backend.options, **options})
+        self.backends.append(b)
+        return b
+
     def poise(self, backends: list, **options) -> Poise:
         addrs = [_address(b) for b in backends]
         p = Poise(self.workdir, addrs, **options)
@@ -275,3 +303,23 @@ class Stack:
         for b in self.backends:
             b.stop()
         return problems
+
+
+# -- controls of the h11 backend for the resilience and health-check tests -------------
+
+def set_health(backend: Backend, ok: bool) -> None:
+    """Make ``backend`` answer ``/health`` with 200 (``ok``) or 503 from now on."""
+    backend._call("/_health/ok" if ok else "/_health/fail")
+
+
+def set_mode(backend: Backend, **mode: object) -> None:
+    """How ``backend`` answers ``/mode``: ``status=N``, ``kind="reset"|"close"|"never"``,
+    or nothing (echo)."""
+    from urllib.parse import urlencode
+    backend._call("/_mode?" + urlencode(mode))
+
+
+def served(backend: Backend) -> list[dict]:
+    """The requests ``backend`` saw, without health probes and test controls."""
+    return [r for r in backend.stats()["requests"]
+            if r["target"] != "/health" and not r["target"].startswith("/_")]

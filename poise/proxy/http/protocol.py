@@ -105,10 +105,12 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
 
     def eof_received(self) -> bool:
-        # A half-closed client still gets the responses to complete requests it sent;
-        # a request cut off mid-head or mid-body can never complete.
+        # By default a client that closes has given up: returning False closes the
+        # transport, and connection_lost cancels what is in flight.  With
+        # abort_on_client_close off, a half-closed client still gets the responses to
+        # complete requests it sent; a request cut off mid-head or mid-body never can.
         if (self.current is None and not self.queue) or self._in_head \
-                or self._parsing is not None:
+                or self._parsing is not None or self.site.abort_on_client_close:
             return False
         self.draining = True
         return True

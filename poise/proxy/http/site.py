@@ -28,6 +28,7 @@ class Site:
         self.max_headers = spec.max_headers
         self.max_request_body = spec.max_request_body
         self.forwarded_headers = spec.forwarded_headers
+        self.abort_on_client_close = spec.abort_on_client_close
         self.xfp = b"x-forwarded-proto: http\r\n"
         self.connections: set = set()
 
