@@ -3,7 +3,7 @@
 The data plane reports each attempt's outcome; the detector answers whether that
 ejected the backend.  Two counters, as Envoy has them: ``consecutive_failures`` counts
 every failure (5xx, connect failures, resets, timeouts), ``consecutive_gateway_errors``
-only gateway errors (502/503/504 and failures to reach the backend at all).  A
+only gateway errors (502/503/504 and failures to reach the backend at all) in a row; any other failure breaks that run.  A
 success resets both.  The n-th ejection of a backend lasts ``n × base_ejection_time``
 (capped at ``max_ejection_time``), so a backend that keeps failing is tried less and
 less often; ``max_ejection_percent`` keeps a share of the cluster in service whatever
@@ -65,6 +65,8 @@ class OutlierDetector:
         record.failures += 1
         if outcome is Outcome.GATEWAY_ERROR:
             record.gateway_errors += 1
+        else:       # an answer, if a bad one: the gateway errors are no longer in a row
+            record.gateway_errors = 0
         tripped = (record.failures >= self.consecutive_failures
                    or record.gateway_errors >= self.consecutive_gateway_errors)
         if not tripped or record.ejected_until is not None:

@@ -26,6 +26,13 @@ def test_gateway_errors_have_their_own_threshold():
     assert d.report("a", GW, 4) is True
 
 
+def test_another_failure_breaks_a_run_of_gateway_errors():
+    """Regression: a 500 between gateway errors did not reset their count."""
+    _, d = detector(consecutive_failures=10, consecutive_gateway_errors=2)
+    assert [d.report("a", o, 4) for o in (GW, ERR, GW)] == [False] * 3
+    assert d.report("a", GW, 4) is True
+
+
 def test_an_ejected_backend_returns_after_its_time_and_repeat_ejections_last_longer():
     clock, d = detector(consecutive_failures=1, base_ejection_time=30, max_ejection_time=70)
     assert d.report("a", ERR, 4)
