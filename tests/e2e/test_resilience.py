@@ -26,24 +26,12 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.client import H11Client, RawReader, connect
+from tests.support.waiting import wait_for
 
 # -- helpers ---------------------------------------------------------------------------
 
 # poise's timers (libuv) have millisecond granularity: one may fire a hair early.
 TIMER_SLACK = 0.005
-
-
-def wait_for(predicate, timeout: float, what: str, step: float = 0.01):
-    """Poll ``predicate`` until it returns something truthy (returned); fail after
-    ``timeout`` seconds saying ``what`` did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(step)
 
 
 def wait_log(px, pattern: str, timeout: float, count: int = 1) -> float:

@@ -18,20 +18,13 @@ import pytest
 
 from tests.support.client import H11Client
 from tests.support.procs import served, set_health, set_mode
+from tests.support.waiting import wait_for
 
 
 def checked(**options) -> dict:
     """Cluster fields for fast HTTP checks (``options`` override)."""
     return {"health_check": {"interval": "100ms", "timeout": "100ms", "jitter": 0,
                              "rise": 2, "fall": 2, **options}}
-
-
-def wait_for(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def wait_log(px, pattern: str, timeout: float = 5.0) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.client import H11Client, RawReader, connect, echo_headers, read_until_close
 from tests.support.procs import refused_address, served, set_mode
+from tests.support.waiting import wait_for
 
 FAST_BACKOFF = "1ms..2ms"
 
@@ -26,14 +27,6 @@ def retrying(**options) -> dict:
     """Cluster fields for retries with ``options`` (and a backoff short enough not to
     matter for the timings asserted)."""
     return {"retries": {"backoff": FAST_BACKOFF, **options}}
-
-
-def wait_for(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def timed(client: H11Client, method: str, target: str, **kw):
