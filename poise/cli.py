@@ -56,6 +56,7 @@ def demo(bind: str) -> None:
     from poise.config.units import parse_address
     from poise.demo.run import run_demo
 
+    logging.basicConfig(level=logging.INFO, format="poise %(levelname)s %(message)s")
     host, port = parse_address(bind)
     sys.exit(run_demo(host, port))
 

@@ -28,6 +28,9 @@ listeners:
 clusters:
   - name: demo
     policy: round_robin
+    health_check: {{path: /, interval: 2s, timeout: 1s}}
+    outlier_detection: {{consecutive_gateway_errors: 3, base_ejection_time: 10s}}
+    retries: {{attempts: 2}}
     backends:
 {backends}
 """
