@@ -211,7 +211,8 @@ class Resilience:
             if self.cluster.load_changed is not None:
                 self.cluster.load_changed(self.pool.backend)
         if self._held:
-            self._leave_queue()
+            if self._held & PENDING or self._timer is not None:
+                self._leave_queue()
             limits = self.cluster.limits
             if self._held & REQUEST:
                 limits.end_request()
