@@ -22,8 +22,6 @@ from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import Resilience
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-
     from poise.proxy.http.protocol import ClientConnection
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
@@ -161,54 +159,7 @@ class Exchange(Resilience, RequestHead):
         """Report this attempt's latency and outcome to a latency-aware policy."""
         self.cluster.observe(self.pool.backend, self.client.loop.time() - self._started_at, ok)
 
-    # -- phase 2: connection -------------------------------------------------------------
-
-    def _open(self) -> None:
-        """Open a connection to ``self.pool`` (counted against the limits at once)."""
-        self.client.loop.create_task(self._connect(self.pool.connect(self._connect_timeout())))
-
-    async def _connect(self, connecting: Awaitable[UpstreamConnection]) -> None:
-        """Finish opening a connection; when connecting fails (nothing was sent yet)
-        try the other ready backends once each before answering with the last error."""
-        tried: list[UpstreamPool] = list(self._tried or ())     # (earlier tries failed)
-        cluster = self.cluster
-        while True:
-            pool = self.pool
-            try:
-                conn = await connecting
-                break
-            except PoiseError as e:
-                if self.finished:
-                    return
-                tried.append(pool)
-                if cluster.observe is not None:
-                    self._observe(False)
-                if cluster.failure_statuses is not None:
-                    cluster.report(pool, Outcome.GATEWAY_ERROR)
-                # Nothing was sent: another backend is always safe to try, unless the
-                # cluster's retries leave connect failures out.
-                failover = e.retryable and (cluster.retry is None
-                                            or cluster.retry.on_connect_failure)
-                nxt = cluster.fallback(self, tried) if failover else None
-                if nxt is not None and cluster.limits is not None and \
-                        cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
-                    nxt = None
-                if nxt is None:
-                    self.respond_error(self._deadline_error(e))
-                    return
-                pool.stats.in_flight -= 1
-                nxt.stats.in_flight += 1
-                self.pool = nxt
-                connecting = nxt.connect(self._connect_timeout())
-                if self.cluster.load_changed is not None:
-                    self.cluster.load_changed(pool.backend)
-                    self.cluster.load_changed(nxt.backend)
-        if self.finished:
-            pool.release(conn)      # the client went away while we connected
-            return
-        conn.reused = False
-        self._attach(conn)
-        self.flush_upstream()
+    # -- phase 2: connection (opening one, with failover: Resilience._open) -------------
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn

@@ -1,5 +1,6 @@
-"""The slow paths of an exchange: circuit-breaker admission, waiting in the cluster's
-queue for a connection, the request deadline, and retries.
+"""The slow paths of an exchange: circuit-breaker admission, opening a connection
+(with failover to other backends), waiting in the cluster's queue for a connection,
+the request deadline, and retries.
 
 A mixin of :class:`~poise.proxy.http.exchange.Exchange` (its slots are declared and
 initialised there).  None of this runs for a cluster without limits, retries or a
@@ -11,10 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from poise.core.limits import Overflow
+from poise.core.outlier import Outcome
 from poise.core.retry import backoff
 from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
@@ -50,6 +54,55 @@ class Resilience:
                 self._replay = []
             if self._replay_size > self._replay_limit:
                 self._replay = None
+
+    # -- opening a connection, failing over to other backends --------------------------
+
+    def _open(self) -> None:
+        """Open a connection to ``self.pool`` (counted against the limits at once)."""
+        self.client.loop.create_task(self._connect(self.pool.connect(self._connect_timeout())))
+
+    async def _connect(self, connecting: Awaitable[UpstreamConnection]) -> None:
+        """Finish opening a connection; when connecting fails (nothing was sent yet)
+        try the other ready backends once each before answering with the last error."""
+        tried: list[UpstreamPool] = list(self._tried or ())     # (earlier tries failed)
+        cluster = self.cluster
+        while True:
+            pool = self.pool
+            try:
+                conn = await connecting
+                break
+            except PoiseError as e:
+                if self.finished:
+                    return
+                tried.append(pool)
+                if cluster.observe is not None:
+                    self._observe(False)
+                if cluster.failure_statuses is not None:
+                    cluster.report(pool, Outcome.GATEWAY_ERROR)
+                # Nothing was sent: another backend is always safe to try, unless the
+                # cluster's retries leave connect failures out.
+                failover = e.retryable and (cluster.retry is None
+                                            or cluster.retry.on_connect_failure)
+                nxt = cluster.fallback(self, tried) if failover else None
+                if nxt is not None and cluster.limits is not None and \
+                        cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
+                    nxt = None
+                if nxt is None:
+                    self.respond_error(self._deadline_error(e))
+                    return
+                pool.stats.in_flight -= 1
+                nxt.stats.in_flight += 1
+                self.pool = nxt
+                connecting = nxt.connect(self._connect_timeout())
+                if self.cluster.load_changed is not None:
+                    self.cluster.load_changed(pool.backend)
+                    self.cluster.load_changed(nxt.backend)
+        if self.finished:
+            pool.release(conn)      # the client went away while we connected
+            return
+        conn.reused = False
+        self._attach(conn)
+        self.flush_upstream()
 
     # -- waiting for a connection ----------------------------------------------------
 
