@@ -21,6 +21,7 @@ from poise.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    PayloadTooLarge,
     PoiseError,
     RequestTimeout,
     UriTooLong,
@@ -307,8 +308,9 @@ class ClientConnection(asyncio.Protocol):
             self.deadline.push(self.site.idle_timeout)
 
     def reject_body(self, reason: str) -> None:
-        from poise.errors import PayloadTooLarge
-        self._parse_failed(PayloadTooLarge(reason))
+        """Called from a parser callback: raising stops the parser where it is, so
+        nothing after the offending body is parsed (data_received answers 413)."""
+        raise PayloadTooLarge(reason)
 
     # -- errors, deadlines and closing ---------------------------------------------------
 

@@ -50,8 +50,11 @@ class Resilience:
         if retry is not None:
             retry.budget.record_request()
             self._replay_limit = retry.max_buffered_body
-            if self._replay is None and retry.non_idempotent and not self._body_seen:
-                self._replay = []
+            if self._replay is None and retry.non_idempotent:
+                # Not started yet, so nothing was sent: what _up_out holds is the whole
+                # (framed) body so far, a chunked body's last chunk included.
+                self._replay = list(self._up_out)
+                self._replay_size = sum(len(b) for b in self._up_out)
             if self._replay_size > self._replay_limit:
                 self._replay = None
 

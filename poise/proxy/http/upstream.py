@@ -212,6 +212,9 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             # (HttpParserUpgrade: a 101, which on_informational already refused.)
             self.usable = False
+            if self.exchange is not ex:     # the exchange has already dealt with it
+                self.close()
+                return
             if isinstance(e, httptools.HttpParserCallbackError) and e.__context__ is not None:
                 log.error("bug while relaying a response", exc_info=e.__context__)
             if not self._done:
