@@ -314,9 +314,11 @@ class FakeConn:
         self.pool = pool
         self.idle_since = idle_since
         self.closed = False
+        self.usable = True      # as UpstreamConnection: open at both ends
 
     def close(self) -> None:
         self.closed = True
+        self.usable = False
 
 
 class FakeExchange:

@@ -204,8 +204,11 @@ class ClusterRuntime:
         cluster's connection limit while connections sit idle elsewhere."""
         oldest = None
         for pool in self.pools.values():
-            if pool.idle and (oldest is None or pool.idle[0].idle_since < oldest.idle_since):
-                oldest = pool.idle[0]
+            # (A connection the backend closed stays listed until taken: skip those,
+            # closing them again frees nothing.)
+            conn = next((c for c in pool.idle if c.usable), None)
+            if conn is not None and (oldest is None or conn.idle_since < oldest.idle_since):
+                oldest = conn
         if oldest is not None:
             oldest.pool.idle.remove(oldest)
             oldest.close()
