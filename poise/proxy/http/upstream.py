@@ -183,13 +183,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self.pool.stats.active_connections -= 1
-        self.pool.closed()
-        self.deadline.clear()
+        pool = self.pool
+        pool.stats.active_connections -= 1
+        self.deadline.cancel()
         ex = self.exchange
+        if ex is None:
+            # Closed while idle: out of the idle list now, so that it neither counts
+            # against max_idle nor is picked to make room under a connection limit.
+            try:
+                pool.idle.remove(self)
+            except ValueError:
+                pass
+        pool.closed()
         if ex is not None:
             self.exchange = None
-            ex.upstream_lost(self, UpstreamReset(f"{self.pool.backend.address} closed the connection"))
+            ex.upstream_lost(self, UpstreamReset(f"{pool.backend.address} closed the connection"))
 
     def eof_received(self) -> bool:
         self.usable = False
