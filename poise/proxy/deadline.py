@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 # libuv timers have millisecond granularity; count a deadline that is this close as due.
-_SLACK = 0.001
+SLACK = 0.001
 
 
 class Deadline:
@@ -62,7 +62,7 @@ class Deadline:
         when = self.when
         if when is None:
             return
-        if self._loop.time() + _SLACK >= when:
+        if self._loop.time() + SLACK >= when:
             self.when = None
             self._on_expire()
         else:

@@ -15,6 +15,7 @@ from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
 from poise.core.retry import backoff
 from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
+from poise.proxy.deadline import SLACK
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
-_SLACK = 0.001
 # Slots an exchange holds in its cluster's limits (bits of ``_held``).
 REQUEST = 1
 RETRY = 2
@@ -183,7 +183,7 @@ class Resilience:
         # (libuv timers have millisecond granularity: one firing at the deadline may
         # read a clock a hair before it.)
         return (self._deadline_at is not None
-                and self.client.loop.time() + _SLACK >= self._deadline_at)
+                and self.client.loop.time() + SLACK >= self._deadline_at)
 
     def _deadline_error(self, error: PoiseError) -> PoiseError:
         """``error``, or a deadline error when the request deadline is what ran out."""
