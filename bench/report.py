@@ -132,6 +132,29 @@ def cpu_verdict(small: dict) -> dict | None:
     return {"ratio": ratio, "bar": CPU_BAR, "pass": ratio <= CPU_BAR}
 
 
+def paired_cpu_ratios(samples: list[dict], name: str = "poise",
+                      ref: str = "haproxy") -> list[float]:
+    """``name``'s CPU/request ÷ ``ref``'s, per round of the small phase (runs next to
+    each other in time share the machine's state, so their ratio is steadier)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s["phase"] == "small" and s["ok"] and s["proxy"] in (name, ref):
+            by_round.setdefault(s["round"], {})[s["proxy"]] = s["cpu_us_per_req"]
+    return [r[name] / r[ref] for _, r in sorted(by_round.items())
+            if name in r and r.get(ref)]
+
+
+def floor_gap(small: dict) -> dict | None:
+    """poise's own logic per request (poise − httptools-relay, µs) next to what the
+    CPU bar leaves for it (CPU_BAR × HAProxy − httptools-relay); None if any is missing."""
+    poise = small.get("poise", {}).get("cpu_us_per_req")
+    floor = small.get("httptools-relay", {}).get("cpu_us_per_req")
+    haproxy = small.get("haproxy", {}).get("cpu_us_per_req")
+    if poise is None or floor is None or haproxy is None:
+        return None
+    return {"poise_logic_us": poise - floor, "bar_leaves_us": CPU_BAR * haproxy - floor}
+
+
 def resilience_overhead(small: dict) -> float | None:
     """poise+checks CPU/request divided by poise's; None if either is missing."""
     base = small.get("poise", {}).get("cpu_us_per_req")
@@ -179,6 +202,15 @@ def render_markdown(result: dict) -> str:
     lines += _table(["proxy", "req/s", "p50", "p99", "CPU µs/req", "ratio to HAProxy CPU/req",
                      "backend CPU µs/req", "errors"], rows or [["(none measured)"] + [""] * 7])
     lines += ["", f"**{verdict_line(summary['cpu_verdict'])}**", ""]
+    paired = summary.get("paired_cpu_ratios") or []
+    if paired:
+        lines += [f"Per round (poise ÷ HAProxy in the same round): "
+                  f"{', '.join(f'{r:.2f}×' for r in paired)}; median {median(paired):.2f}×", ""]
+    gap = summary.get("floor_gap")
+    if gap is not None:
+        lines += [f"Above the httptools-relay floor (bench/floors.py), poise's own logic costs "
+                  f"{gap['poise_logic_us']:.1f} µs/req; the ≤ {CPU_BAR}× bar leaves "
+                  f"{gap['bar_leaves_us']:.1f} µs/req for it.", ""]
     overhead = resilience_overhead(summary["small"])
     if overhead is not None:
         lines += [f"Health checks + outlier detection configured (poise+checks ÷ poise CPU/req): "

@@ -34,7 +34,10 @@ import report  # noqa: E402
 REPO = BENCH_DIR.parent
 # poise+checks: poise with an active health check and outlier detection configured
 # (the cost of resilience on the keep-alive path; issue 4 allows at most +5%).
-PROXIES = ("poise", "poise+checks", "haproxy", "nginx")
+# The floors (bench/floors.py) are references, not proxies: the least a Python relay
+# on uvloop (+ httptools) costs per request.
+FLOORS = ("uvloop-relay", "httptools-relay")
+PROXIES = ("poise", "poise+checks", "haproxy", "nginx", *FLOORS)
 STREAM_CONNECTIONS = 4
 
 
@@ -51,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per proxy (default 2)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--only", default=",".join(PROXIES),
-                   help="comma-separated subset of: poise,poise+checks,haproxy,nginx")
+                   help=f"comma-separated subset of: {','.join(PROXIES)}")
     p.add_argument("--quick", action="store_true", help="1 round of 3 s, 1 s warm-up")
     p.add_argument("--poise-cmd", default=f"{REPO}/.venv/bin/poise run",
                    help="command that runs poise; the config path is appended")
@@ -99,6 +102,9 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
     if name.startswith("poise"):
         return configs.poise(root, port, backends, args.poise_cmd,
                              resilience=name == "poise+checks")
+    if name in FLOORS:
+        return [f"{REPO}/.venv/bin/python", str(BENCH_DIR / "floors.py"), name, str(port),
+                *map(str, backends)]
     if name == "haproxy":
         return configs.haproxy(root, port, backends)
     return configs.nginx_proxy(root, port, backends)
@@ -169,7 +175,7 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
                             else ("/big", STREAM_CONNECTIONS, False))
     for rnd in range(1, args.rounds + 1):
         for name, (svc, port) in list(running.items()):
-            if phase == "stream" and name == "poise+checks":
+            if phase == "stream" and (name == "poise+checks" or name in FLOORS):
                 continue    # per-request costs only: streaming is the same data path
             if drop_if_dead(name, svc, running, failures):
                 continue
@@ -223,7 +229,9 @@ def finish(args, result: dict) -> int:
     samples = result["samples"]
     small = report.summarize_small(samples, args.only)
     result["summary"] = {"small": small, "stream": report.summarize_stream(samples, args.only),
-                         "cpu_verdict": report.cpu_verdict(small)}
+                         "cpu_verdict": report.cpu_verdict(small),
+                         "paired_cpu_ratios": report.paired_cpu_ratios(samples),
+                         "floor_gap": report.floor_gap(small)}
     markdown = report.render_markdown(result)
     print(markdown)
     print(report.verdict_line(result["summary"]["cpu_verdict"]))
