@@ -664,8 +664,8 @@ class Harness:
         for task in self.loop.tasks:
             if not task.done():
                 frame = task.get_coro().cr_frame
-                if frame is not None and "self" in frame.f_locals:
-                    owners.append(frame.f_locals["self"])
+                if frame is not None and "ex" in frame.f_locals:
+                    owners.append(frame.f_locals["ex"])
         return owners
 
     # -- the end

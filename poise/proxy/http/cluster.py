@@ -103,7 +103,7 @@ class ClusterRuntime:
         self.queue_timeout = spec.queue_timeout
         self.retry = None if spec.retries is None else RetryPolicy(spec.retries, clock)
         self.request_timeout = spec.request_timeout
-        # Whether a request needs Exchange._admit at all (the common case skips it).
+        # Whether a request needs resilience.admit at all (the common case skips it).
         self.guarded = (self.limits is not None or self.retry is not None
                         or self.request_timeout is not None)
         self.rng = random.Random()
@@ -170,7 +170,8 @@ class ClusterRuntime:
 
     def outcome_of(self, status: int) -> Outcome:
         """How outlier detection counts a response with ``status``."""
-        if status not in self.failure_statuses:
+        statuses = self.failure_statuses
+        if statuses is None or status not in statuses:
             return Outcome.SUCCESS
         return Outcome.GATEWAY_ERROR if 502 <= status <= 504 else Outcome.ERROR
 
@@ -194,6 +195,7 @@ class ClusterRuntime:
     def connection_freed(self) -> None:
         """A connection closed: let the first waiting request that may now connect."""
         limits = self.limits
+        assert limits is not None       # (requests queue only under limits)
         for ex in self.pending:
             if limits.can_connect(ex.pool.active, ex.pool.max_connections) is None:
                 ex.dequeued(None)
@@ -224,12 +226,13 @@ class ClusterRuntime:
         self.picker = picker
         # Optional policy hooks (see poise.core.policies): None when the policy has none.
         policy_type = type(self.policy)
-        self.observe = picker.observe if picker and hasattr(policy_type, "observe") else None
-        self.set_cookie = (picker.set_cookie if picker and hasattr(policy_type, "set_cookie")
-                           else None)
+        self.observe = (getattr(picker, "observe") if picker and hasattr(policy_type, "observe")
+                        else None)
+        self.set_cookie = (getattr(picker, "set_cookie")
+                           if picker and hasattr(policy_type, "set_cookie") else None)
         inner = getattr(picker, "_primary", picker)
-        self.load_changed = (picker.load_changed if picker and hasattr(inner, "load_changed")
-                             else None)
+        self.load_changed = (getattr(picker, "load_changed")
+                             if picker and hasattr(inner, "load_changed") else None)
 
     def _check_result(self, backend: Backend, healthy: bool) -> None:
         if healthy:

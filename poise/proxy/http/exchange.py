@@ -10,7 +10,7 @@ side are collected in a list and written once per read (``flush_upstream`` /
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from poise.core import retry
 from poise.core.context import RequestContext
@@ -19,7 +19,18 @@ from poise.errors import NoRoute, Overloaded, PoiseError, UpstreamProtocolError,
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
-from poise.proxy.http.resilience import Resilience
+from poise.proxy.http.resilience import (
+    admit,
+    arm_response_deadline,
+    deadline_error,
+    dequeued,
+    drop_response,
+    end_exchange,
+    may_connect,
+    may_retry,
+    open_connection,
+    retry_request,
+)
 
 if TYPE_CHECKING:
     from poise.proxy.http.protocol import ClientConnection
@@ -39,7 +50,7 @@ _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Exchange(Resilience, RequestHead):
+class Exchange(RequestHead):
     """The life of one request. Created by ClientConnection when a request begins."""
 
     __slots__ = (
@@ -49,6 +60,17 @@ class Exchange(Resilience, RequestHead):
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
     )
+    # Set once routed and picked (start): unset until then.
+    cluster: ClusterRuntime
+    pool: UpstreamPool
+    method: bytes
+    target: bytes
+    http11: bool
+    keep_alive: bool
+    head_only: bool
+    _replay: list[bytes] | None
+    _started_at: float
+    _timer: Any
 
     def __init__(self, client: ClientConnection, max_body: int) -> None:
         # RequestHead's slots
@@ -60,8 +82,6 @@ class Exchange(Resilience, RequestHead):
         self.connection: list[bytes] | None = None
         self.max_body = max_body
         self.client = client
-        self.cluster: ClusterRuntime | None = None
-        self.pool: UpstreamPool | None = None
         self.conn: UpstreamConnection | None = None
         self.request_complete = False
         self._up_out: list[bytes] = []
@@ -79,12 +99,12 @@ class Exchange(Resilience, RequestHead):
         self.finished = False
         self._counted = False
         self._ctx: RequestContext | None = None
-        # Resilience's slots: slots held in the cluster's limits (bit flags), backends
+        # Used by poise.proxy.http.resilience: slots held in the cluster's limits (bit flags), backends
         # tried and failed, the request deadline and the queue/backoff timer.
         self._held = 0
         self._tried: list[UpstreamPool] | None = None
         self._deadline_at: float | None = None
-        self._timer = None
+        self._timer = None      # an asyncio.TimerHandle
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -105,7 +125,7 @@ class Exchange(Resilience, RequestHead):
         try:
             cluster = self.cluster = self.client.site.router.catch_all or self._route()
             if cluster.guarded:
-                self._admit(cluster)
+                admit(self, cluster)
             pool = self.pool = cluster.choose(self)
         except PoiseError as e:
             self.respond_error(e)
@@ -132,8 +152,8 @@ class Exchange(Resilience, RequestHead):
         if conn is not None:
             conn.reused = True
             self._attach(conn)
-        elif cluster.limits is None or self._may_connect():
-            self._open()
+        elif cluster.limits is None or may_connect(self):
+            open_connection(self)
 
     def _route(self) -> ClusterRuntime:
         path = self.target.split(b"?", 1)[0]
@@ -157,9 +177,11 @@ class Exchange(Resilience, RequestHead):
 
     def _observe(self, ok: bool) -> None:
         """Report this attempt's latency and outcome to a latency-aware policy."""
-        self.cluster.observe(self.pool.backend, self.client.loop.time() - self._started_at, ok)
+        observe = self.cluster.observe
+        assert observe is not None      # (called only when the policy observes)
+        observe(self.pool.backend, self.client.loop.time() - self._started_at, ok)
 
-    # -- phase 2: connection (opening one, with failover: Resilience._open) -------------
+    # -- phase 2: connection (opening one, with failover: resilience.open_connection) ---
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -168,12 +190,17 @@ class Exchange(Resilience, RequestHead):
             if self._deadline_at is None:
                 conn.deadline.push(conn.pool.response_timeout)
             else:
-                self._arm_response_deadline(conn)
+                arm_response_deadline(self, conn)
         client = self.client
         if client.write_paused:
             conn.pause_reading()
         if self._up_size > BUFFER_LIMIT:
             client.unblock_reading(BUFFERING)
+
+    def dequeued(self, conn: UpstreamConnection | None) -> None:
+        """Our turn in the cluster's queue: use ``conn`` (released by a finished
+        request), or connect."""
+        dequeued(self, conn)
 
     # -- phase 3: forward the request ----------------------------------------------------
 
@@ -227,7 +254,7 @@ class Exchange(Resilience, RequestHead):
             if self._deadline_at is None:
                 conn.deadline.push(conn.pool.response_timeout)
             else:
-                self._arm_response_deadline(conn)
+                arm_response_deadline(self, conn)
         if self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:
@@ -248,6 +275,7 @@ class Exchange(Resilience, RequestHead):
     def on_informational(self, status: int, fields: list[bytes]) -> None:
         if status == 101:           # we never forward Upgrade: a 101 is a protocol error
             conn = self.conn
+            assert conn is not None         # (its parser reports this)
             conn.close()
             self.upstream_failed(conn, UpstreamProtocolError("unexpected 101 from backend"))
         elif status == 100:
@@ -270,8 +298,8 @@ class Exchange(Resilience, RequestHead):
             elif self.pool.failing:
                 cluster.report(self.pool, Outcome.SUCCESS)
         if cluster.retry is not None and status in cluster.retry.statuses \
-                and self._may_retry("on_status"):
-            self._drop_response()
+                and may_retry(self, "on_status"):
+            drop_response(self)
             return
         if cluster.set_cookie is not None:
             cookie = cluster.set_cookie(self._ctx, self.pool.backend)
@@ -317,7 +345,7 @@ class Exchange(Resilience, RequestHead):
             self._wrote_client = True
         self.conn = None
         self.finished = True
-        self._end()
+        end_exchange(self)
         if self.request_complete and conn.usable:
             self.pool.release(conn)
         else:
@@ -341,7 +369,7 @@ class Exchange(Resilience, RequestHead):
         if self.finished:
             return
         self.finished = True
-        self._end()
+        end_exchange(self)
         self.client.exchange_done(self)
 
     def _uncount(self) -> None:
@@ -364,8 +392,8 @@ class Exchange(Resilience, RequestHead):
             # Everything sent so far, again: the head, then the body bytes seen (some
             # may still wait in _up_out, which follows them).
             self._up_out[:0] = [self._request_head(), *self._replay]
-            if self.cluster.limits is None or self._may_connect():
-                self._open()
+            if self.cluster.limits is None or may_connect(self):
+                open_connection(self)
             return
         self.upstream_failed(conn, error)
 
@@ -384,21 +412,21 @@ class Exchange(Resilience, RequestHead):
             return
         if self._wrote_client:
             self.finished = True    # truncated response: the client must see a close
-            self._end()
+            end_exchange(self)
             self.client.abort()
             return
-        if self._may_retry("on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
-            self._retry(error)
+        if may_retry(self, "on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
+            retry_request(self, error)
             return
         self._out.clear()
-        self.respond_error(self._deadline_error(error))
+        self.respond_error(deadline_error(self, error))
 
     def abandon(self) -> None:
         """The client went away: drop the upstream side without reusing it."""
         if self.finished:
             return
         self.finished = True
-        self._end()
+        end_exchange(self)
         conn = self.conn
         if conn is not None:
             self.conn = None

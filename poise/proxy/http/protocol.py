@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -58,7 +58,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, site: Site) -> None:
         self.site = site
         self.loop = site.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None     # an asyncio.Transport once connected
         self.peer_ip = b""
         self.forwarded = b""
         self.parser = httptools.HttpRequestParser(self)
@@ -82,7 +82,7 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
         # X-Forwarded-For/-Proto for requests that bring none of their own.
@@ -176,10 +176,12 @@ class ClientConnection(asyncio.Protocol):
         # Limits are checked when the head is complete (one read holds at most 256 KiB;
         # a head spanning reads is bounded by _head_continues).
         self._header_count += 1
+        ex = self._parsing
+        assert ex is not None           # (set by on_message_begin)
         if (name[0] | 0x20) in WATCH_FIRST:     # headers that need a look
-            self._parsing.add_watched(name, value)
+            ex.add_watched(name, value)
         else:
-            self._parsing.fields += (name, b": ", value, CRLF)
+            ex.fields += (name, b": ", value, CRLF)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -188,6 +190,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         ex = self._parsing
+        assert ex is not None
         bounds = self._bounds
         header_block = bounds.check_head(method, self._url, ex.te)
         if header_block < 0:

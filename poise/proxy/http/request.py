@@ -32,6 +32,16 @@ class RequestHead:
 
     __slots__ = ("fields", "host", "content_length", "chunked", "te", "expect_continue",
                  "xff", "connection", "upgrade", "max_body")
+    fields: list[bytes]
+    host: bytes | None
+    content_length: int
+    chunked: bool
+    te: bool
+    expect_continue: bool
+    xff: bytes | None
+    connection: list[bytes] | None
+    upgrade: bool
+    max_body: int
 
     def add_watched(self, name: bytes, value: bytes) -> None:
         """A header whose name starts like one that needs attention (WATCH_FIRST)."""

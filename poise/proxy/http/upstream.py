@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -125,7 +125,8 @@ class UpstreamPool:
             return
         if conn.reading_paused:     # an idle connection must read, to notice a close
             conn.resume_reading()
-        if self.pending and self.cluster.hand_over(self, conn):
+        cluster = self.cluster
+        if self.pending and cluster is not None and cluster.hand_over(self, conn):
             return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
@@ -154,7 +155,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None     # an asyncio.Transport once connected
         self.exchange: Exchange | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.usable = False
@@ -174,7 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
