@@ -30,6 +30,7 @@ def run(config: str) -> None:
     except ConfigError as e:
         _print_errors(config, e)
         sys.exit(2)
+    _log_start()
     sys.exit(run_supervisor(cfg))
 
 
@@ -58,7 +59,14 @@ def demo(bind: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="poise %(levelname)s %(message)s")
     host, port = parse_address(bind)
+    _log_start()
     sys.exit(run_demo(host, port))
+
+
+def _log_start() -> None:
+    from poise import hot_path
+
+    logging.getLogger("poise").info("poise %s (hot path: %s)", __version__, hot_path())
 
 
 def _print_errors(path: str, error: ConfigError) -> None:

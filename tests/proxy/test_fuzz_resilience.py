@@ -186,6 +186,14 @@ class Transport:
         return len(self.data) > self.answered
 
 
+def _started(coro) -> bool:
+    """Whether a coroutine has started; compiled ones (mypyc) cannot tell: yes."""
+    try:
+        return inspect.getcoroutinestate(coro) != inspect.CORO_CREATED
+    except AttributeError:
+        return True
+
+
 class TrackingClient(ClientConnection):
     """A ClientConnection that remembers every exchange it created."""
 
@@ -409,7 +417,7 @@ class Harness:
                 break
             for task in pending:
                 # (a task cancelled before it starts leaves its connect never awaited)
-                if inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED:
+                if _started(task.get_coro()):
                     task.cancel()
         loop.close()
 
@@ -660,13 +668,7 @@ class Harness:
                     f"{cur!r} is stuck: no connection, not queued, no timer, not connecting"
 
     def _connecting_exchanges(self) -> list:
-        owners = []
-        for task in self.loop.tasks:
-            if not task.done():
-                frame = task.get_coro().cr_frame
-                if frame is not None and "ex" in frame.f_locals:
-                    owners.append(frame.f_locals["ex"])
-        return owners
+        return [ex for ex in self.exchanges if ex.connecting]
 
     # -- the end
 

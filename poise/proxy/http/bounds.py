@@ -86,6 +86,12 @@ class MessageBounds:
         return len(self.buf) - self.pos
 
 
+# ChunkScanner states.
+_SIZE = 0
+_DATA = 1
+_TRAILER = 2
+
+
 class ChunkScanner:
     """Finds the end of a chunked body (last chunk and trailers) across reads.
 
@@ -94,23 +100,22 @@ class ChunkScanner:
 
     __slots__ = ("_line", "_left", "_state")
 
-    _SIZE, _DATA, _TRAILER = range(3)
 
     def __init__(self) -> None:
         self._line = b""
         self._left = 0
-        self._state = self._SIZE
+        self._state = _SIZE
 
     def feed(self, buf: bytes | bytearray, i: int) -> int:
         """Consume ``buf[i:]``; the offset just past the message's end, or -1."""
         n = len(buf)
         while i < n:
-            if self._state == self._DATA:
+            if self._state == _DATA:
                 take = min(self._left, n - i)
                 i += take
                 self._left -= take
                 if not self._left:
-                    self._state = self._SIZE
+                    self._state = _SIZE
                 continue
             j = buf.find(b"\n", i)
             if j < 0:
@@ -119,13 +124,13 @@ class ChunkScanner:
             line = (self._line + bytes(buf[i:j])).rstrip(b"\r")
             self._line = b""
             i = j + 1
-            if self._state == self._SIZE:
+            if self._state == _SIZE:
                 size = int(line.split(b";", 1)[0].strip() or b"0", 16)
                 if size:
                     self._left = size + 2       # data and its CRLF
-                    self._state = self._DATA
+                    self._state = _DATA
                 else:
-                    self._state = self._TRAILER
+                    self._state = _TRAILER
             elif not line:                      # the empty line after the trailers
                 return i
         return -1

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from poise.checks import CheckSettings, HealthChecker
 from poise.config.load import policy_spec
@@ -35,8 +35,6 @@ from poise.proxy.http.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from poise.config.model import Retries
-    from poise.proxy.http.exchange import Exchange
-    from poise.proxy.http.upstream import UpstreamConnection
 
 log = logging.getLogger("poise")
 
@@ -99,7 +97,7 @@ class ClusterRuntime:
             max_requests=spec.max_requests, max_retries=spec.max_retries,
         ) if _has_limits(spec) else None
         # Requests waiting for a connection while a connection limit is reached.
-        self.pending: deque[Exchange] = deque()
+        self.pending: deque[Any] = deque()     # of Exchange
         self.queue_timeout = spec.queue_timeout
         self.retry = None if spec.retries is None else RetryPolicy(spec.retries, clock)
         self.request_timeout = spec.request_timeout
@@ -142,7 +140,10 @@ class ClusterRuntime:
 
     # -- the request path ----------------------------------------------------------------
 
-    def choose(self, ex: Exchange) -> UpstreamPool:
+    # (Exchanges and connections are typed loosely here: ClusterRuntime only calls
+    # what it documents on them, and tests drive it with stand-ins.)
+
+    def choose(self, ex: Any) -> UpstreamPool:
         """The pool of the backend the policy prefers for ``ex`` (the picker only
         knows backends that may take traffic)."""
         picker = self.picker
@@ -150,7 +151,7 @@ class ClusterRuntime:
             raise NoBackendAvailable(f"cluster {self.name}: no healthy backend")
         return self._pool_of[id(picker.pick(ex.context() if self.needs_context else None))]
 
-    def fallback(self, ex: Exchange, tried: list[UpstreamPool]) -> UpstreamPool | None:
+    def fallback(self, ex: Any, tried: list[UpstreamPool]) -> UpstreamPool | None:
         """The next backend's pool for ``ex`` that is not in ``tried``, or None."""
         if self.picker is None:
             return None
@@ -177,7 +178,7 @@ class ClusterRuntime:
 
     # -- the queue of requests waiting for a connection ----------------------------------
 
-    def hand_over(self, pool: UpstreamPool, conn: UpstreamConnection) -> bool:
+    def hand_over(self, pool: UpstreamPool, conn: Any) -> bool:
         """``conn`` of ``pool`` was released while requests wait: give it to the first
         one waiting for that backend.  When only requests for other backends wait and
         the cluster-wide connection limit holds them, close it to make room.  True when
@@ -204,11 +205,13 @@ class ClusterRuntime:
     def free_idle_connection(self) -> None:
         """Close the longest-idle connection of any backend: a request waits for the
         cluster's connection limit while connections sit idle elsewhere."""
-        oldest = None
+        oldest: Any = None
+        idle: Any
         for pool in self.pools.values():
             # (A connection the backend closed stays listed until taken: skip those,
             # closing them again frees nothing.)
-            conn = next((c for c in pool.idle if c.usable), None)
+            idle = pool.idle
+            conn = next((c for c in idle if c.usable), None)
             if conn is not None and (oldest is None or conn.idle_since < oldest.idle_since):
                 oldest = conn
         if oldest is not None:
@@ -226,13 +229,13 @@ class ClusterRuntime:
         self.picker = picker
         # Optional policy hooks (see poise.core.policies): None when the policy has none.
         policy_type = type(self.policy)
-        self.observe = (getattr(picker, "observe") if picker and hasattr(policy_type, "observe")
-                        else None)
-        self.set_cookie = (getattr(picker, "set_cookie")
-                           if picker and hasattr(policy_type, "set_cookie") else None)
+        hooks: Any = picker     # (optional hooks, not part of the Picker protocol)
+        self.observe = hooks.observe if picker and hasattr(policy_type, "observe") else None
+        self.set_cookie = (hooks.set_cookie if picker and hasattr(policy_type, "set_cookie")
+                           else None)
         inner = getattr(picker, "_primary", picker)
-        self.load_changed = (getattr(picker, "load_changed")
-                             if picker and hasattr(inner, "load_changed") else None)
+        self.load_changed = (hooks.load_changed if picker and hasattr(inner, "load_changed")
+                             else None)
 
     def _check_result(self, backend: Backend, healthy: bool) -> None:
         if healthy:

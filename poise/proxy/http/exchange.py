@@ -59,6 +59,7 @@ class Exchange(RequestHead):
         "_replay_size", "_replay_limit", "_retried", "response_started", "response_head_sent",
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
+        "connecting",
     )
     # Set once routed and picked (start): unset until then.
     cluster: ClusterRuntime
@@ -105,6 +106,7 @@ class Exchange(RequestHead):
         self._tried: list[UpstreamPool] | None = None
         self._deadline_at: float | None = None
         self._timer = None      # an asyncio.TimerHandle
+        self.connecting = False     # a connection is being opened for it
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:

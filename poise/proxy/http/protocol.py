@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from poise.errors import (
     BadRequest,
@@ -47,7 +48,8 @@ PIPELINED = 2       # a complete request waits behind the one being served
 CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream flags
 
 
-class ClientConnection(asyncio.Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)   # (tests subclass it to observe it)
+class ClientConnection:
     """One downstream connection. Created per accepted socket by the listener."""
 
     __slots__ = ("site", "loop", "transport", "peer_ip", "forwarded", "parser", "deadline",

@@ -61,10 +61,20 @@ def admit(ex: Exchange, cluster: ClusterRuntime) -> None:
 
 def open_connection(ex: Exchange) -> None:
     """Open a connection to ``ex.pool`` (counted against the limits at once)."""
+    ex.connecting = True
     ex.client.loop.create_task(_connect(ex, ex.pool.connect(_connect_timeout(ex))))
 
 
 async def _connect(ex: Exchange, connecting: Awaitable[UpstreamConnection]) -> None:
+    """The connect task: ``ex.connecting`` is true exactly while it runs."""
+    try:
+        await _connect_failing_over(ex, connecting)
+    finally:
+        ex.connecting = False
+
+
+async def _connect_failing_over(ex: Exchange,
+                                connecting: Awaitable[UpstreamConnection]) -> None:
     """Finish opening a connection; when connecting fails (nothing was sent yet)
     try the other ready backends once each before answering with the last error."""
     tried: list[UpstreamPool] = list(ex._tried or ())     # (earlier tries failed)

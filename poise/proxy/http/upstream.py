@@ -90,7 +90,7 @@ class UpstreamPool:
         b = self.backend
         try:
             async with asyncio.timeout(self.connect_timeout if timeout is None else timeout):
-                await self.loop.create_connection(lambda: conn, b.host, b.port)
+                await self.loop.create_connection(lambda: conn, b.host, b.port)  # type: ignore[type-var]
         except BaseException as e:
             if conn.transport is None:  # else its connection_lost does the accounting
                 self.closed()
@@ -146,7 +146,7 @@ class UpstreamPool:
         return f"<UpstreamPool {self.backend.address} active={self.active} idle={len(self.idle)}>"
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One keep-alive connection to a backend, parsing responses with httptools."""
 
     __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused",
