@@ -100,8 +100,9 @@ class Exchange(RequestHead):
         self.finished = False
         self._counted = False
         self._ctx: RequestContext | None = None
-        # Used by poise.proxy.http.resilience: slots held in the cluster's limits (bit flags), backends
-        # tried and failed, the request deadline and the queue/backoff timer.
+        # For poise.proxy.http.resilience: slots held in the cluster's limits (bit
+        # flags), backends tried and failed, the request deadline and the queue/backoff
+        # timer.
         self._held = 0
         self._tried: list[UpstreamPool] | None = None
         self._deadline_at: float | None = None
