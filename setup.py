@@ -40,8 +40,8 @@ def hot_path_extensions() -> list:
     except ImportError:
         print("poise: mypyc is not available, the hot path stays interpreted")
         return []
-    extensions = mypycify(["--ignore-missing-imports", "--follow-imports=silent", *HOT_PATH], opt_level="3",
-                          group_name="poise_hotpath")
+    extensions = mypycify(["--ignore-missing-imports", "--follow-imports=silent", *HOT_PATH],
+                          opt_level="3", group_name="poise_hotpath")
     for extension in extensions:
         extension.optional = True   # no C compiler: install the interpreted modules
     return extensions

@@ -23,12 +23,12 @@ from poise.proxy.http.resilience import (
     admit,
     arm_response_deadline,
     deadline_error,
-    dequeued,
     drop_response,
     end_exchange,
     may_connect,
     may_retry,
     open_connection,
+    resume_from_queue,
     retry_request,
 )
 
@@ -203,7 +203,7 @@ class Exchange(RequestHead):
     def dequeued(self, conn: UpstreamConnection | None) -> None:
         """Our turn in the cluster's queue: use ``conn`` (released by a finished
         request), or connect."""
-        dequeued(self, conn)
+        resume_from_queue(self, conn)
 
     # -- phase 3: forward the request ----------------------------------------------------
 

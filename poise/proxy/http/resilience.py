@@ -145,7 +145,7 @@ def may_connect(ex: Exchange) -> bool:
     return False
 
 
-def dequeued(ex: Exchange, conn: UpstreamConnection | None) -> None:
+def resume_from_queue(ex: Exchange, conn: UpstreamConnection | None) -> None:
     """Our turn: use ``conn`` (released by a finished request), or connect."""
     _leave_queue(ex)
     if conn is not None:

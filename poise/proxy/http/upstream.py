@@ -90,7 +90,8 @@ class UpstreamPool:
         b = self.backend
         try:
             async with asyncio.timeout(self.connect_timeout if timeout is None else timeout):
-                await self.loop.create_connection(lambda: conn, b.host, b.port)  # type: ignore[type-var]
+                await self.loop.create_connection(  # type: ignore[type-var]
+                    lambda: conn, b.host, b.port)
         except BaseException as e:
             if conn.transport is None:  # else its connection_lost does the accounting
                 self.closed()
