@@ -1,4 +1,4 @@
-"""The ``poise`` command line: run, check, demo. No logic lives here."""
+"""The ``poise`` command line: run, check, demo, reload. No logic lives here."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def run(config: str) -> None:
         _print_errors(config, e)
         sys.exit(2)
     _log_start()
-    sys.exit(run_supervisor(cfg))
+    sys.exit(run_supervisor(cfg, config))
 
 
 @cli.command()
@@ -52,15 +52,37 @@ def check(config: str) -> None:
 @cli.command()
 @click.option("--bind", default="127.0.0.1:8080", show_default=True,
               help="Where the demo balancer listens.")
-def demo(bind: str) -> None:
-    """Start three demo backends and a balancer in front of them."""
+@click.option("--admin", default="127.0.0.1:9901", show_default=True,
+              help="Where its admin API listens.")
+def demo(bind: str, admin: str) -> None:
+    """Start three demo backends and a balancer (with its admin API) in front of them."""
     from poise.config.units import parse_address
     from poise.demo.run import run_demo
 
+    for value in (bind, admin):
+        try:
+            parse_address(value)
+        except ValueError as e:
+            raise click.BadParameter(f"{value}: {e}") from None
     logging.basicConfig(level=logging.INFO, format="poise %(levelname)s %(message)s")
-    host, port = parse_address(bind)
     _log_start()
-    sys.exit(run_demo(host, port))
+    sys.exit(run_demo(bind, admin))
+
+
+@cli.command("reload")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--admin", metavar="HOST:PORT",
+              help="The admin API [default: admin.bind of CONFIG, else 127.0.0.1:9901].")
+@click.option("--token", help="Its bearer token [default: $POISE_ADMIN_TOKEN, else "
+                              "admin.token of CONFIG].")
+def reload_config(config: str | None, admin: str | None, token: str | None) -> None:
+    """Make a running poise re-read its config file (POST /reload to its admin API).
+
+    Exit 0 when applied, 2 when rejected (listing every error), 1 when the admin API
+    cannot be asked."""
+    from poise.admin.client import reload
+
+    sys.exit(reload(config, admin, token))
 
 
 def _log_start() -> None:

@@ -106,6 +106,26 @@ class RequestDeadlineExceeded(PoiseError):
     status = 504
 
 
+# -- the control plane: operators' requests (admin API) ---------------------------------
+
+class ControlError(PoiseError):
+    """An operator's request to the control plane cannot be carried out."""
+
+    status = 400
+
+
+class UnknownCluster(ControlError):
+    """No cluster has that name."""
+
+    status = 404
+
+
+class UnknownBackend(ControlError):
+    """The cluster has no backend at that address."""
+
+    status = 404
+
+
 # -- upstream: the backend failed us -----------------------------------------------------
 
 class UpstreamError(PoiseError):

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from poise.config.model import Config
-from poise.config.units import parse_duration
+from poise.config.model import Admin, Config, is_loopback
+from poise.config.units import parse_address, parse_duration
 from poise.core.policies import POLICIES, create_policy
 from poise.errors import ConfigError
 
@@ -100,7 +100,7 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
             seen.add(address)
         errors.extend(_resilience_errors(f"clusters[{i}]", c))
     names: set[str] = set()
-    binds: set[str] = set()
+    binds: dict[str, str] = {}
     for i, lst in _items(data, "listeners"):
         name, bind = lst.get("name"), lst.get("bind")
         if isinstance(name, str):
@@ -110,12 +110,34 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
         if isinstance(bind, str):
             if bind in binds:
                 errors.append((f"listeners[{i}].bind", f"{bind} is bound twice"))
-            binds.add(bind)
+            binds.setdefault(bind, f"listeners[{i}]")
         for j, r in _items(lst, "routes"):
             cluster = r.get("cluster")
             if isinstance(cluster, str) and cluster not in clusters:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
                                f"unknown cluster {cluster!r}"))
+    errors.extend(_admin_errors(data.get("admin"), binds))
+    return errors
+
+
+def _admin_errors(admin: object, binds: dict[str, str]) -> list[tuple[str, str]]:
+    """The admin API must not share a listener's address, nor be reachable beyond
+    loopback without a token."""
+    if not isinstance(admin, dict):
+        return []
+    bind = admin.get("bind", Admin.model_fields["bind"].default)
+    if not isinstance(bind, str):
+        return []
+    try:
+        host, _ = parse_address(bind)
+    except ValueError:
+        return []       # the schema reports it
+    errors = []
+    if bind in binds:
+        errors.append(("admin.bind", f"{bind} is also bound by {binds[bind]}"))
+    if admin.get("token") is None and not is_loopback(host):
+        errors.append(("admin.token", f"required when the admin API listens beyond "
+                                      f"loopback ({bind})"))
     return errors
 
 

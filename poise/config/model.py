@@ -8,6 +8,8 @@ expect; each field's docstring-comment states it.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -200,9 +202,13 @@ class Listener(Strict):
     abort_on_client_close: bool = True
 
 
+# The largest backend weight (config, admin API).
+MAX_WEIGHT = 10_000
+
+
 class BackendConfig(Strict):
     address: Address
-    weight: int = Field(1, ge=1, le=10_000)
+    weight: int = Field(1, ge=1, le=MAX_WEIGHT)
     # Only used when no primary backend of the cluster is ready.
     backup: bool = False
     # Connections open to this backend at once (per worker); None = unlimited.
@@ -373,11 +379,50 @@ class Cluster(Strict):
     request_timeout: PositiveDuration | None = None
 
 
+def _workers(value: object) -> object:
+    # "auto": one worker per CPU this process may run on.
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError("expected a number of workers or auto")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Admin(Strict):
+    """The admin API (JSON over HTTP), served by the control plane on its own socket."""
+
+    bind: Address = "127.0.0.1:9901"
+    # Every endpoint but /healthz then needs ``Authorization: Bearer <token>``.
+    # Required when ``bind`` is not a loopback address (checked in load.py).
+    token: str | None = Field(None, min_length=1)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        if v is not None and not _printable(v):
+            raise ValueError("must be printable ASCII without spaces")
+        return v
+
+
 class Config(Strict):
     """The whole file."""
 
-    workers: int = Field(1, ge=1, le=256)
+    # Worker processes; "auto" = one per CPU.  With more than one, the process started
+    # becomes the supervisor and control plane and serves no traffic itself.
+    workers: Annotated[int, BeforeValidator(_workers)] = Field(1, ge=1, le=256)
     # Graceful shutdown waits this long for requests in flight before closing.
     drain_timeout: Duration = 30.0
     listeners: list[Listener] = Field(min_length=1)
     clusters: list[Cluster] = Field(min_length=1)
+    # None: no admin API.
+    admin: Admin | None = None

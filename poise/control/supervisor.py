@@ -1,8 +1,13 @@
-"""Run poise in the foreground: one process per worker, SIGTERM/SIGINT → graceful stop.
+"""Run poise in the foreground: the control plane, its admin API and the data plane.
 
-With ``workers: 1`` everything runs in this process.  With more, the supervisor forks
-workers that each bind the listeners with SO_REUSEPORT, forwards stop signals to them,
-and restarts a worker that dies unexpectedly.
+- ``workers: 1``: one process, one event loop holding both planes (the control
+  plane's messages go through an in-process channel).
+- ``workers: N``: this process is the supervisor and control plane; it serves no
+  traffic.  It starts N worker processes (:mod:`poise.control.workers`) that bind
+  the listeners with SO_REUSEPORT.
+
+Signals (to the process started): SIGTERM/SIGINT stop gracefully (workers drain up to
+``drain_timeout``), SIGHUP reloads the config file.
 """
 
 from __future__ import annotations
@@ -13,135 +18,155 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from poise.config.model import Config
 from poise.config.units import parse_address
+from poise.control.agent import WorkerAgent
+from poise.control.local import LocalFleet
 from poise.control.memory import tune_malloc
+from poise.control.plane import ControlPlane
+from poise.control.workers import WorkerSet
 from poise.proxy.server import ProxyServer
 
+if TYPE_CHECKING:
+    from poise.admin.http import AdminServer
+
 log = logging.getLogger("poise")
-_MAX_QUICK_FAILURES = 5
+# Beyond drain_timeout, how long the supervisor waits for draining workers to exit.
+_EXIT_GRACE = 10.0
 
 
-def run(config: Config, on_ready: Callable[[ProxyServer], None] | None = None) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT; return the process exit code."""
+def run(config: Config, path: str | None = None,
+        on_ready: Callable[[ProxyServer], None] | None = None) -> int:
+    """Serve ``config`` (read from ``path``, re-read on reload) until SIGTERM/SIGINT;
+    return the process exit code."""
     busy = busy_listeners(config)
     if busy:
         for bind, reason in busy:
             print(f"poise: cannot bind {bind}: {reason}", file=sys.stderr)
         return 1
+    tune_malloc()
     if config.workers == 1:
-        return run_worker(config, on_ready)
-    return _supervise(config)
+        return uvloop.run(serve_here(config, path, on_ready))
+    return uvloop.run(_supervise(config, path))
 
 
 def busy_listeners(config: Config) -> list[tuple[str, str]]:
-    """Listeners whose address cannot be bound exclusively right now.
+    """Listeners (and the admin API) whose address cannot be bound exclusively now.
 
     Workers bind with SO_REUSEPORT, which would silently share a port with another
     process doing the same (a second poise, say); a plain bind first turns that into
     a clear error."""
+    binds = [listener.bind for listener in config.listeners]
+    if config.admin is not None:
+        binds.append(config.admin.bind)
     busy = []
-    for listener in config.listeners:
-        host, port = parse_address(listener.bind)
+    for bind in binds:
+        host, port = parse_address(bind)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as e:
-                busy.append((listener.bind, e.strerror or str(e)))
+                busy.append((bind, e.strerror or str(e)))
     return busy
 
 
-def run_worker(config: Config, on_ready: Callable[[ProxyServer], None] | None = None) -> int:
-    """Serve in this process on a fresh uvloop until asked to stop."""
-    tune_malloc()
-    return uvloop.run(_serve(config, on_ready))
-
-
-async def _serve(config: Config, on_ready: Callable[[ProxyServer], None] | None) -> int:
+async def serve_here(config: Config, path: str | None,
+                     on_ready: Callable[[ProxyServer], None] | None = None) -> int:
+    """Both planes in this process, on the running loop, until SIGTERM/SIGINT;
+    ``on_ready`` is called once the listeners are bound."""
     loop = asyncio.get_running_loop()
-    server = ProxyServer(config, loop)
+    plane = ControlPlane(config, path, loop)
+    agent = WorkerAgent(loop)
+    server = agent.build(plane.state_message())
     try:
         await server.start(reuse_port=True)
     except OSError as e:
         print(f"poise: cannot bind: {e.strerror or e}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _sighup)
+    plane.attach(LocalFleet(agent))
+    admin = await _start_admin(plane, config)
+    if admin is False:
+        await server.shutdown(0)
+        return 1
+    plane.start()
+    stop = _stop_signals(loop, plane)
     if on_ready is not None:
         on_ready(server)
     await stop.wait()
-    clean = await server.shutdown(config.drain_timeout)
+    plane.stop()
+    if admin is not None:
+        admin.close()
+    clean = await server.shutdown(plane.config.drain_timeout)
     if not clean:
         log.warning("drain timeout: some connections were closed with requests in flight")
     return 0
 
 
-def _sighup(*_: object) -> None:
-    log.warning("SIGHUP ignored: configuration reload is not implemented yet")
+async def _supervise(config: Config, path: str | None) -> int:
+    """This process is the control plane; ``config.workers`` processes serve."""
+    loop = asyncio.get_running_loop()
+    plane = ControlPlane(config, path, loop)
+    workers = WorkerSet(plane, loop)
+    plane.attach(workers)
+    admin = await _start_admin(plane, config)
+    if admin is False:
+        return 1
+    stop = _stop_signals(loop, plane)
+    plane.start()
+    started = loop.create_task(workers.start(config.workers))
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([started, stopped], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if started.done() and not started.result():
+        log.error("workers failed to start; stopping")
+        code = 1
+    else:
+        log.info("supervisor (pid %d): %d workers serving", os.getpid(), config.workers)
+        await stopped
+    stopped.cancel()
+    plane.stop()
+    if admin is not None:
+        admin.close()
+    await workers.stop(plane.config.drain_timeout + _EXIT_GRACE)
+    return code
 
 
-def _supervise(config: Config) -> int:
-    """Fork ``config.workers`` workers; restart crashed ones; stop them on a signal."""
-    workers: dict[int, tuple[int, float]] = {}    # pid → (slot, started at)
-    stopping = False
+async def _start_admin(plane: ControlPlane, config: Config) -> AdminServer | None | bool:
+    """The admin API, if configured (False: it could not be bound)."""
+    if config.admin is None:
+        return None
+    from poise.admin.api import AdminApi
+    from poise.admin.http import AdminServer
+    api = AdminApi(plane, config.admin.token)
+    plane.on_config.append(lambda c: setattr(api, "token", c.admin.token if c.admin else None))
+    server = AdminServer(api, asyncio.get_running_loop())
+    host, port = parse_address(config.admin.bind)
+    try:
+        await server.start(host, port)
+    except OSError as e:
+        print(f"poise: cannot bind the admin API on {config.admin.bind}: {e.strerror or e}",
+              file=sys.stderr)
+        return False
+    log.info("admin API on http://%s/", config.admin.bind)
+    return server
 
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            code = 1
-            try:
-                code = run_worker(config)
-            finally:
-                os._exit(code)
-        workers[pid] = (slot, time.monotonic())
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+def _stop_signals(loop: asyncio.AbstractEventLoop, plane: ControlPlane) -> asyncio.Event:
+    """SIGTERM/SIGINT set the returned event; SIGHUP reloads."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, plane)
+    return stop
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, _sighup)
-    for slot in range(config.workers):
-        spawn(slot)
-    quick_failures = 0
-    exit_code = 0
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        entry = workers.pop(pid, None)
-        if entry is None or stopping:
-            continue
-        slot, started = entry
-        code = os.waitstatus_to_exitcode(status)
-        # A worker that dies right after starting (cannot bind, bad environment) would
-        # die again: give up instead of spinning.
-        quick_failures = quick_failures + 1 if time.monotonic() - started < 2.0 else 0
-        if quick_failures >= _MAX_QUICK_FAILURES:
-            log.error("workers keep exiting at start (last code %d); stopping", code)
-            exit_code = 1
-            on_signal(signal.SIGTERM, None)
-            continue
-        log.error("worker %d (pid %d) exited with %d; restarting", slot, pid, code)
-        time.sleep(min(1.0, 0.1 * quick_failures))
-        spawn(slot)
-    return exit_code
+
+def _reload_on_signal(plane: ControlPlane) -> None:
+    log.info("SIGHUP: reloading %s", plane.path)
+    plane.reload()

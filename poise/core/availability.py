@@ -26,7 +26,7 @@ plane's), with the clock it was given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from poise.core.backend import Backend
 from poise.core.clock import Clock
@@ -139,6 +139,45 @@ class ClusterHealth:
         """New membership.  Backends that stay (same host and port) keep their flags and
         ejection records; removed ones are forgotten; added ones start healthy, with
         ``ready_since`` now (they are cold, so slow start ramps them)."""
+        self._refresh(self._set_members(backends))
+
+    def update(self, backends: Iterable[Backend], flags: Mapping[_Key, HealthFlag],
+               owned: HealthFlag) -> None:
+        """New membership (as :meth:`set_backends`) and, for every member, the flags in
+        ``owned`` set as in ``flags`` (keyed by ``(host, port)``; absent = none), in one
+        rebuild: how a worker applies a control plane snapshot, whose source owns the
+        active-check and drain flags while outlier ejection stays the worker's own.
+        Clearing ``ACTIVE_CHECK_FAILED`` ends an outlier ejection, as :meth:`recovered`."""
+        members = self._set_members(backends)
+        for b in members:
+            key = _key(b)
+            want = flags.get(key, _NONE) & owned
+            have = self._flags[key] & owned
+            for flag in HealthFlag:
+                if flag & owned and (flag in want) != (flag in have):
+                    self._change(key, flag, flag in want)
+            if HealthFlag.ACTIVE_CHECK_FAILED in have & ~want and self._outlier is not None \
+                    and self._outlier.end_ejection(key):
+                self._change(key, HealthFlag.OUTLIER_EJECTED, False)
+        self._refresh(members)
+
+    def configure(self, panic_threshold: float, outlier: OutlierDetector | None) -> None:
+        """New settings (a config reload).  Pass the current detector to keep its
+        records; a different one (or None) ends every ejection in progress."""
+        if not 0 <= panic_threshold <= 1:
+            raise ValueError("panic_threshold must be a fraction between 0 and 1")
+        self.panic_threshold = panic_threshold
+        if outlier is not self._outlier:
+            self._outlier = outlier
+            for key in list(self._flags):
+                self._change(key, HealthFlag.OUTLIER_EJECTED, False)
+        self._refresh()
+
+    @property
+    def outlier(self) -> OutlierDetector | None:
+        return self._outlier
+
+    def _set_members(self, backends: Iterable[Backend]) -> tuple[Backend, ...]:
         members = _unique(backends)
         keys = {_key(b) for b in members}
         for key in [k for k in self._flags if k not in keys]:
@@ -150,7 +189,7 @@ class ClusterHealth:
         for key in keys - self._flags.keys():
             self._flags[key] = _NONE
             self._since[key] = now
-        self._refresh(members)
+        return members
 
     # -- outputs ------------------------------------------------------------------------
 

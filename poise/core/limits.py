@@ -62,6 +62,17 @@ class ClusterLimits:
         self.retries = 0
         self.overflows: dict[Overflow, int] = dict.fromkeys(Overflow, 0)
 
+    def configure(self, *, max_connections: int | None = None,
+                  max_pending: int | None = None, max_requests: int | None = None,
+                  max_retries: int | None = None) -> None:
+        """New caps (a config reload); the counts stay, so what is held now is released
+        as usual.  A cap lowered below its count admits nothing more until the count
+        falls under it."""
+        self.max_connections = _check("max_connections", max_connections)
+        self.max_pending = _check("max_pending", max_pending)
+        self.max_requests = _check("max_requests", max_requests)
+        self.max_retries = _check("max_retries", max_retries)
+
     # -- requests and retries ------------------------------------------------------------
 
     def try_request(self) -> bool:

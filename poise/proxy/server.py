@@ -1,13 +1,15 @@
 """One worker's data plane: build runtime objects from config, bind listeners, serve,
-and shut down gracefully."""
+apply the control plane's snapshots and reloads, and shut down gracefully."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 
-from poise.config.model import Config
+from poise.config.model import Config, Listener
 from poise.config.units import parse_address
+from poise.control.state import Member
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 
@@ -15,59 +17,166 @@ log = logging.getLogger("poise")
 _SWEEP_INTERVAL = 1.0
 
 
-class ProxyServer:
-    """Listeners, sites and clusters of one worker process."""
+def bind_key(bind: str) -> tuple[str, int]:
+    """A listener's identity across reloads: where it is bound."""
+    return parse_address(bind)
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+
+class ProxyServer:
+    """Listeners, sites and clusters of one worker process.
+
+    ``members`` gives clusters their backends as the control plane sees them (by
+    cluster name; a cluster absent from it takes the backends of its config, all up).
+    """
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 members: Mapping[str, Sequence[Member]] | None = None) -> None:
         self.config = config
         self.loop = loop
-        self.clusters = {c.name: ClusterRuntime(c, loop) for c in config.clusters}
-        self.sites = [Site(spec, self.clusters, loop) for spec in config.listeners]
-        self.servers: list[asyncio.Server] = []
+        members = members or {}
+        self.clusters = {c.name: ClusterRuntime(c, loop, members.get(c.name))
+                         for c in config.clusters}
+        self.sites: dict[tuple[str, int], Site] = {
+            bind_key(spec.bind): Site(spec, self.clusters, loop) for spec in config.listeners}
+        self.servers: dict[tuple[str, int], asyncio.Server] = {}
+        # Sites of removed listeners whose connections are still finishing.
+        self.retiring: list[Site] = []
+        self._reuse_port = True
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, reuse_port: bool = True) -> None:
         """Bind every listener (SO_REUSEPORT so that workers share ports)."""
-        for spec, site in zip(self.config.listeners, self.sites, strict=True):
-            host, port = parse_address(spec.bind)
-            server = await self.loop.create_server(
-                lambda site=site: ClientConnection(site), host, port,
-                reuse_port=reuse_port, backlog=4096)
-            self.servers.append(server)
+        self._reuse_port = reuse_port
+        for spec in self.config.listeners:
+            await self._bind(spec)
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
-        for cluster in self.clusters.values():
-            cluster.start()
+
+    async def _bind(self, spec: Listener) -> None:
+        key = bind_key(spec.bind)
+        site = self.sites[key]
+        host, port = key
+        self.servers[key] = await self.loop.create_server(
+            lambda: ClientConnection(site), host, port,
+            reuse_port=self._reuse_port, backlog=4096)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.sockets[0].getsockname()[:2] for s in self.servers]
+        return [s.sockets[0].getsockname()[:2] for s in self.servers.values()]
+
+    # -- what the control plane sends ----------------------------------------------------
+
+    def apply_members(self, cluster: str, members: Sequence[Member]) -> None:
+        """A new snapshot of one cluster's backends (ignored for an unknown cluster:
+        it was removed by a reload this snapshot crossed)."""
+        runtime = self.clusters.get(cluster)
+        if runtime is not None:
+            runtime.apply_members(members)
+
+    async def apply_config(self, config: Config,
+                           members: Mapping[str, Sequence[Member]] | None = None) -> list[str]:
+        """Apply a reloaded config without dropping a connection or a request.
+
+        Clusters: new ones are built (backends from ``members``, else from their
+        config), changed ones reconfigured in place, removed ones stopped once no route
+        leads to them (requests in flight finish).  Listeners, by bind address: new
+        ones are bound first, kept ones take their new settings and routes, removed
+        ones stop accepting and retire their connections (``Connection: close`` on the
+        next response; closed after ``drain_timeout`` at the latest).  Returns the
+        problems met (a new listener that could not be bound), already logged."""
+        members = members or {}
+        old_clusters = self.clusters
+        clusters: dict[str, ClusterRuntime] = {}
+        for spec in config.clusters:
+            runtime = old_clusters.get(spec.name)
+            if runtime is None:
+                runtime = ClusterRuntime(spec, self.loop, members.get(spec.name))
+            elif spec != runtime.spec:
+                runtime.reconfigure(spec)
+            clusters[spec.name] = runtime
+        self.clusters = clusters
+        self.config = config
+        problems = await self._apply_listeners(config)
+        for name, runtime in old_clusters.items():
+            if name not in clusters:
+                runtime.stop()
+        return problems
+
+    async def _apply_listeners(self, config: Config) -> list[str]:
+        problems = []
+        wanted = {bind_key(spec.bind): spec for spec in config.listeners}
+        for key, spec in wanted.items():
+            site = self.sites.get(key)
+            if site is not None:
+                site.configure(spec, self.clusters)
+                continue
+            self.sites[key] = Site(spec, self.clusters, self.loop)
+            try:
+                await self._bind(spec)
+            except OSError as e:
+                del self.sites[key]
+                problems.append(f"listener {spec.name}: cannot bind {spec.bind}: "
+                                f"{e.strerror or e}")
+                log.error("%s", problems[-1])
+        for key in [k for k in self.sites if k not in wanted]:
+            self._retire(key, config.drain_timeout)
+        return problems
+
+    def _retire(self, key: tuple[str, int], grace: float) -> None:
+        site = self.sites.pop(key)
+        server = self.servers.pop(key, None)
+        if server is not None:
+            server.close()
+        site.retire(grace)
+        if site.connections:
+            self.retiring.append(site)
+            self.loop.call_later(grace, self._cut_off, site)
+        log.info("listener %s on %s:%d removed: %d connection(s) finishing", site.name,
+                 key[0], key[1], len(site.connections))
+
+    def _cut_off(self, site: Site) -> None:
+        """drain_timeout after its listener was removed: close what is left."""
+        if site in self.retiring:
+            self.retiring.remove(site)
+        for conn in list(site.connections):
+            conn.abort()
+
+    def counters(self) -> dict[str, dict[str, object]]:
+        """Per cluster: ``{"panic": bool, "backends": {address: [in_flight, requests,
+        errors, ejected]}}`` in this worker (see :mod:`poise.control.stats`)."""
+        return {name: {"panic": runtime.health.panic, "backends": runtime.counters()}
+                for name, runtime in self.clusters.items()}
+
+    # -- housekeeping and shutdown ---------------------------------------------------------
 
     def _sweep(self) -> None:
         now = self.loop.time()
         for cluster in self.clusters.values():
             for pool in cluster.pools.values():
                 pool.expire(now)
+        self.retiring = [site for site in self.retiring if site.connections]
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def _all_sites(self) -> list[Site]:
+        return [*self.sites.values(), *self.retiring]
 
     async def shutdown(self, drain_timeout: float) -> bool:
         """Stop accepting, let requests in flight finish (up to ``drain_timeout``),
         close the rest. Returns True when nothing had to be cut off."""
-        for server in self.servers:
+        for server in self.servers.values():
             server.close()
-        for site in self.sites:
+        sites = self._all_sites()
+        for site in sites:
             for conn in list(site.connections):
                 conn.drain()
         deadline = self.loop.time() + drain_timeout
-        while any(site.connections for site in self.sites) and self.loop.time() < deadline:
+        while any(site.connections for site in sites) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        clean = not any(site.connections for site in self.sites)
-        for site in self.sites:
+        clean = not any(site.connections for site in sites)
+        for site in sites:
             for conn in list(site.connections):
                 conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for cluster in self.clusters.values():
             cluster.stop()
-            for pool in cluster.pools.values():
-                pool.close_idle()
         return clean

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from poise.config import parse_config
+from poise.control.state import Member
 from poise.core.health import HealthFlag
 from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
@@ -55,6 +56,10 @@ def members(rt: ClusterRuntime) -> tuple:
     return rt.health.snapshot.backends
 
 
+def _member(b, **flags) -> Member:
+    return Member(b.host, b.port, weight=b.weight, backup=b.backup, **flags)
+
+
 def picks(rt: ClusterRuntime, n: int = 12) -> Counter:
     return Counter(rt.choose(EX).backend.port for _ in range(n))
 
@@ -90,15 +95,16 @@ def test_each_flag_takes_a_backend_out(make, flag):
     assert set(picks(rt)) == ports(b, c)
 
 
-def test_the_health_checker_result_sets_the_active_check_flag(make):
+def test_a_snapshot_sets_the_active_check_and_drain_flags(make):
     rt = make(2, health_check={"interval": "1s"})
     a, b = members(rt)
-    rt._check_result(a, False)
+    rt.apply_members([_member(a, down=True), _member(b)])
     assert rt.health.flags(a) == HealthFlag.ACTIVE_CHECK_FAILED
     assert set(picks(rt)) == ports(b)
-    rt._check_result(a, True)
+    rt.apply_members([_member(a), _member(b, drained=True)])
     assert rt.health.flags(a) == HealthFlag(0)
-    assert set(picks(rt)) == ports(a, b)
+    assert rt.health.flags(b) == HealthFlag.DRAINED
+    assert set(picks(rt)) == ports(a)
 
 
 def test_flags_composed_independently(make):
@@ -288,10 +294,10 @@ def test_an_active_check_coming_back_up_ends_an_outlier_ejection(make):
     rt = make(3, health_check={"interval": "1s"}, outlier_detection={
         "consecutive_gateway_errors": 1, "base_ejection_time": "1m"})
     a, b, c = members(rt)
-    rt._check_result(a, False)
+    rt.apply_members([_member(a, down=True), _member(b), _member(c)])
     rt.report(rt.pools[a], Outcome.GATEWAY_ERROR)
     assert rt.health.flags(a) == HealthFlag.ACTIVE_CHECK_FAILED | HealthFlag.OUTLIER_EJECTED
-    rt._check_result(a, True)
+    rt.apply_members([_member(a), _member(b), _member(c)])
     assert rt.health.flags(a) == HealthFlag(0)
     assert set(picks(rt)) == ports(a, b, c)
 
@@ -403,7 +409,7 @@ def test_a_plain_cluster_is_not_guarded(make):
     rt = make(2)
     assert rt.guarded is False
     assert rt.limits is None and rt.retry is None and rt.request_timeout is None
-    assert rt.checker is None and rt.failure_statuses is None
+    assert rt.failure_statuses is None
 
 
 @pytest.mark.parametrize("fields", [{"max_requests": 5}, {"request_timeout": "1s"},
@@ -453,12 +459,10 @@ def test_status_reports_backends_flags_and_readiness(make):
         ]}
 
 
-def test_status_includes_check_results_and_overflow_counts_when_configured(make):
-    rt = make(2, health_check={"interval": "1s"}, max_requests=1)
+def test_status_includes_overflow_counts_when_configured(make):
+    rt = make(2, max_requests=1)
     status = rt.status()
-    assert [entry["check"] for entry in status["backends"]] == ["pending", "pending"]
     assert status["overflows"] == {o.value: 0 for o in Overflow}
     rt.limits.trip(Overflow.MAX_REQUESTS)
     assert rt.status()["overflows"]["max_requests"] == 1
     assert "overflows" not in make(2).status()
-    assert "check" not in make(2).status()["backends"][0]

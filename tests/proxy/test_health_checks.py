@@ -117,7 +117,9 @@ def test_returning_backend_ramps_up_with_slow_start(stack):
     assert took < 0.8, f"the early requests took {took:.2f}s"
     assert 1 <= early.count("b2") <= 9, early       # about 5 (at most 7.3 in 0.8s)
     time.sleep(max(0.0, back + window + 0.1 - time.monotonic()))   # the ramp is timed
-    late = names(px, 30)
+    # A turn scheduled while b2 ramped stands (up to 1/10% = 10 picks ahead), so its
+    # full share shows after the first 10 picks.
+    late = names(px, 40)[10:]
     assert 14 <= late.count("b2") <= 16, late
 
 

@@ -15,12 +15,12 @@ import asyncio
 import logging
 import random
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from poise.checks import CheckSettings, HealthChecker
 from poise.config.load import policy_spec
 from poise.config.model import Cluster
-from poise.config.units import parse_address
+from poise.control.state import Member, members_of
 from poise.core.availability import ClusterHealth
 from poise.core.backend import Backend
 from poise.core.clock import MonotonicClock
@@ -34,9 +34,11 @@ from poise.errors import NoBackendAvailable
 from poise.proxy.http.upstream import UpstreamPool
 
 if TYPE_CHECKING:
-    from poise.config.model import Retries
+    from poise.config.model import OutlierDetection, Retries
 
 log = logging.getLogger("poise")
+# The health flags a control plane snapshot sets (outlier ejection stays per worker).
+CONTROL_FLAGS = HealthFlag.ACTIVE_CHECK_FAILED | HealthFlag.DRAINED
 
 
 class RetryPolicy:
@@ -61,82 +63,168 @@ class RetryPolicy:
 
 
 class ClusterRuntime:
-    """A cluster's snapshot, picker, pools and resilience state (one worker)."""
+    """A cluster's snapshot, picker, pools and resilience state (one worker).
 
-    __slots__ = ("name", "loop", "policy", "snapshot", "picker", "pools", "_pool_of",
+    Built from the cluster's settings (``spec``) and its backends as the control plane
+    sees them (``members``; default: the backends listed in ``spec``, all up).  Later
+    snapshots arrive through :meth:`apply_members` and new settings through
+    :meth:`reconfigure`; both swap the picker whole between requests, and keep the
+    stats, pools and outlier state of every backend whose address stays."""
+
+    __slots__ = ("name", "loop", "spec", "policy", "snapshot", "picker", "pools", "_pool_of",
                  "needs_context", "observe", "set_cookie", "load_changed", "health",
-                 "checker", "limits", "pending", "queue_timeout", "retry", "request_timeout",
-                 "failure_statuses", "rng", "_release_timer", "_release_at", "guarded")
+                 "limits", "pending", "queue_timeout", "retry", "request_timeout",
+                 "failure_statuses", "rng", "_release_timer", "_release_at", "guarded",
+                 "_clock", "_retired", "members")
 
-    def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop,
+                 members: Sequence[Member] | None = None) -> None:
         self.name = spec.name
         self.loop = loop
-        clock = MonotonicClock()
-        backends = [Backend(*parse_address(b.address), weight=b.weight, backup=b.backup)
-                    for b in spec.backends]
+        self.spec = spec
+        clock = self._clock = MonotonicClock()
+        members = self.members = tuple(members_of(spec) if members is None else members)
+        backends = [_backend(m) for m in members]
         name, options = policy_spec(spec.policy)
         self.policy = create_policy(name, options)
         self.needs_context = self.policy.needs_context
-        outlier = spec.outlier_detection
-        self.health = ClusterHealth(
-            spec.name, backends, clock=clock, panic_threshold=spec.panic_threshold,
-            outlier=None if outlier is None else OutlierDetector(
-                clock=clock, consecutive_failures=outlier.consecutive_failures,
-                consecutive_gateway_errors=outlier.consecutive_gateway_errors,
-                base_ejection_time=outlier.base_ejection_time,
-                max_ejection_time=outlier.max_ejection_time,
-                max_ejection_percent=outlier.max_ejection_percent * 100),
-            on_change=self._use)
-        # Statuses that count as failures for outlier detection (None: not detecting).
-        self.failure_statuses = None if outlier is None else frozenset(
-            code for lo, hi in outlier.failure_statuses for code in range(lo, hi + 1))
+        self.health = ClusterHealth(spec.name, backends, clock=clock,
+                                    panic_threshold=spec.panic_threshold,
+                                    outlier=_detector(spec.outlier_detection, clock),
+                                    on_change=self._use)
+        self.failure_statuses = _failure_statuses(spec.outlier_detection)
         self._release_timer: asyncio.TimerHandle | None = None
         self._release_at = 0.0
-        self.limits = ClusterLimits(
-            max_connections=spec.max_connections, max_pending=spec.max_pending,
-            max_requests=spec.max_requests, max_retries=spec.max_retries,
-        ) if _has_limits(spec) else None
+        self.limits: ClusterLimits | None = None
         # Requests waiting for a connection while a connection limit is reached.
         self.pending: deque[Any] = deque()     # of Exchange
-        self.queue_timeout = spec.queue_timeout
-        self.retry = None if spec.retries is None else RetryPolicy(spec.retries, clock)
-        self.request_timeout = spec.request_timeout
-        # Whether a request needs resilience.admit at all (the common case skips it).
-        self.guarded = (self.limits is not None or self.retry is not None
-                        or self.request_timeout is not None)
         self.rng = random.Random()
-        per_try = spec.retries.per_try_timeout if spec.retries is not None else None
-        limit_of = {(b.host, b.port): c.max_connections
-                    for b, c in zip(backends, spec.backends, strict=True)}
-        snapshot = self.health.snapshot
-        self.pools = {
-            b: UpstreamPool(b, snapshot.stats[b], self, max_idle=spec.keepalive_max_idle,
-                            idle_timeout=spec.keepalive_idle_timeout,
-                            connect_timeout=spec.connect_timeout,
-                            response_timeout=per_try or spec.response_header_timeout,
-                            max_connections=limit_of[(b.host, b.port)], loop=loop)
-            for b in snapshot.backends
-        }
+        self.pools: dict[Backend, UpstreamPool] = {}
         # Keyed by identity: the picker returns this cluster's own Backend objects,
         # and id() skips hashing a dataclass on every request.
-        self._pool_of = {id(b): pool for b, pool in self.pools.items()}
-        self.checker = None if spec.health_check is None else HealthChecker(
-            _check_settings(spec.health_check), backends, self._check_result, loop=loop)
-        self._use(snapshot)
+        self._pool_of: dict[int, UpstreamPool] = {}
+        # Pools of removed backends whose connections are still open (limits count them).
+        self._retired: list[UpstreamPool] = []
+        # Resolved by _settle:
+        self.queue_timeout = 0.0
+        self.retry: RetryPolicy | None = None
+        self.request_timeout: float | None = None
+        self.guarded = False
+        self._settle(spec, members)
+        self.health.update(backends, _flags(members), CONTROL_FLAGS)
+        self._sync_pools(members)
+        self._use(self.health.snapshot)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start active health checks (if configured)."""
-        if self.checker is not None:
-            self.checker.start()
+        """Nothing to start: active checks run in the control plane."""
 
     def stop(self) -> None:
-        if self.checker is not None:
-            self.checker.stop()
+        """Release timers and close idle connections (the cluster is going away:
+        requests in flight finish, their connections are then closed)."""
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
+        for pool in self.pools.values():
+            pool.max_idle = 0
+            pool.close_idle()
+
+    # -- snapshots and settings from the control plane -----------------------------------
+
+    def apply_members(self, members: Sequence[Member]) -> None:
+        """A new snapshot of the backends: membership, weights and the flags the control
+        plane owns (active checks, drains).  Requests in flight on a removed backend
+        finish, then its connections close; its idle ones close now."""
+        members = self.members = tuple(members)
+        self.health.update([_backend(m) for m in members], _flags(members), CONTROL_FLAGS)
+        self._sync_pools(members)
+        self._settle(self.spec, members, renew_retry=False)
+        self._use(self.health.snapshot)
+
+    def reconfigure(self, spec: Cluster) -> None:
+        """New settings from a reload (same name).  Caps change in place, so requests
+        in flight release what they hold; a changed policy or retry policy starts
+        fresh; changed outlier settings end the ejections in progress."""
+        old = self.spec
+        self.spec = spec
+        if spec.policy != old.policy:
+            name, options = policy_spec(spec.policy)
+            self.policy = create_policy(name, options)
+            self.needs_context = self.policy.needs_context
+        outlier = (self.health.outlier if spec.outlier_detection == old.outlier_detection
+                   else _detector(spec.outlier_detection, self._clock))
+        self.failure_statuses = _failure_statuses(spec.outlier_detection)
+        self.health.configure(spec.panic_threshold, outlier)
+        self._settle(spec, self.members, renew_retry=spec.retries != old.retries)
+        for pool in self.pools.values():
+            self._pool_settings(pool)
+        self._use(self.health.snapshot)
+        self._release_pending()
+
+    def _settle(self, spec: Cluster, members: Sequence[Member],
+                renew_retry: bool = True) -> None:
+        """Resolve the limits, queue, retry and deadline settings for the request path."""
+        caps = _has_limits(spec) or any(m.max_connections is not None for m in members)
+        limits = self.limits
+        if limits is not None:
+            # Kept (caps lifted to None if gone): requests in flight still release slots.
+            limits.configure(max_connections=spec.max_connections,
+                             max_pending=spec.max_pending, max_requests=spec.max_requests,
+                             max_retries=spec.max_retries)
+        elif caps:
+            limits = self.limits = ClusterLimits(
+                max_connections=spec.max_connections, max_pending=spec.max_pending,
+                max_requests=spec.max_requests, max_retries=spec.max_retries)
+            # Connections opened before there were limits close through them too.
+            limits.connections = sum(p.active for p in [*self.pools.values(), *self._retired])
+        self.queue_timeout = spec.queue_timeout
+        if renew_retry or (spec.retries is None) != (self.retry is None):
+            self.retry = None if spec.retries is None else RetryPolicy(spec.retries,
+                                                                       self._clock)
+        self.request_timeout = spec.request_timeout
+        # Whether a request needs resilience.admit at all (the common case skips it).
+        self.guarded = (self.limits is not None or self.retry is not None
+                        or self.request_timeout is not None)
+
+    def _sync_pools(self, members: Sequence[Member]) -> None:
+        """One pool per backend of the snapshot, kept by address (with its idle
+        connections and stats) and pointed at the backend's current object."""
+        snapshot = self.health.snapshot
+        old = {(p.backend.host, p.backend.port): p for p in self.pools.values()}
+        caps = {(m.host, m.port): m.max_connections for m in members}
+        pools: dict[Backend, UpstreamPool] = {}
+        for b in snapshot.backends:
+            key = (b.host, b.port)
+            pool = old.pop(key, None)
+            if pool is None:
+                pool = UpstreamPool(b, snapshot.stats[b], self, max_idle=0, idle_timeout=0.0,
+                                    connect_timeout=0.0, response_timeout=0.0, loop=self.loop)
+            pool.backend = b
+            pool.max_connections = caps.get(key)
+            self._pool_settings(pool)
+            pools[b] = pool
+        for pool in old.values():
+            pool.max_idle = 0       # connections released from now on are closed
+            pool.close_idle()
+            if pool.active:
+                self._retired.append(pool)
+        self._retired = [p for p in self._retired if p.active]
+        self.pools = pools
+        self._pool_of = {id(b): pool for b, pool in pools.items()}
+
+    def _pool_settings(self, pool: UpstreamPool) -> None:
+        spec = self.spec
+        per_try = spec.retries.per_try_timeout if spec.retries is not None else None
+        pool.max_idle = spec.keepalive_max_idle
+        pool.idle_timeout = spec.keepalive_idle_timeout
+        pool.connect_timeout = spec.connect_timeout
+        pool.response_timeout = per_try or spec.response_header_timeout
+
+    def _release_pending(self) -> None:
+        """Let queued requests go that the (maybe lifted) caps now allow."""
+        while self.pending and self.limits is not None and self.connection_freed():
+            pass
 
     # -- the request path ----------------------------------------------------------------
 
@@ -193,14 +281,16 @@ class ClusterRuntime:
             return True
         return False
 
-    def connection_freed(self) -> None:
-        """A connection closed: let the first waiting request that may now connect."""
+    def connection_freed(self) -> bool:
+        """A connection closed: let the first waiting request that may now connect
+        (True when one did)."""
         limits = self.limits
         assert limits is not None       # (requests queue only under limits)
         for ex in self.pending:
             if limits.can_connect(ex.pool.active, ex.pool.max_connections) is None:
                 ex.dequeued(None)
-                return
+                return True
+        return False
 
     def free_idle_connection(self) -> None:
         """Close the longest-idle connection of any backend: a request waits for the
@@ -237,12 +327,6 @@ class ClusterRuntime:
         self.load_changed = (hooks.load_changed if picker and hasattr(inner, "load_changed")
                              else None)
 
-    def _check_result(self, backend: Backend, healthy: bool) -> None:
-        if healthy:
-            self.health.recovered(backend)
-        else:
-            self.health.set_flag(backend, HealthFlag.ACTIVE_CHECK_FAILED, True)
-
     def _schedule_release(self) -> None:
         """Arm the timer for the earliest ejection end (re-armed if it moved earlier)."""
         when = self.health.next_release()
@@ -266,13 +350,21 @@ class ClusterRuntime:
     def status(self) -> dict:
         """JSON-able state for operators (health flags, panic, limits)."""
         state = self.health.status()
-        if self.checker is not None:
-            for entry, backend in zip(state["backends"], self.health.snapshot.backends,
-                                      strict=False):
-                entry["check"] = self.checker.last_result(backend)
         if self.limits is not None:
             state["overflows"] = {k.value: v for k, v in self.limits.overflows.items()}
         return state
+
+    def counters(self) -> dict[str, list[int]]:
+        """Per backend address: ``[in_flight, requests, errors, ejected]`` in this
+        worker (``ejected`` 1 when outlier detection has it out), for the control plane."""
+        health = self.health
+        out: dict[str, list[int]] = {}
+        for backend, pool in self.pools.items():
+            stats = pool.stats
+            ejected = HealthFlag.OUTLIER_EJECTED in health.flags(backend)
+            out[backend.address] = [stats.in_flight, stats.requests, stats.failures,
+                                    1 if ejected else 0]
+        return out
 
     def __repr__(self) -> str:
         return f"<ClusterRuntime {self.name} {self.snapshot!r}>"
@@ -284,9 +376,35 @@ def _has_limits(spec: Cluster) -> bool:
             or any(b.max_connections is not None for b in spec.backends))
 
 
-def _check_settings(spec) -> CheckSettings:
-    return CheckSettings(type=spec.type, path=spec.path, method=spec.method, host=spec.host,
-                         expect_status=tuple(spec.expect_status),
-                         expect_body=spec.expect_body, interval=spec.interval,
-                         timeout=spec.timeout, jitter=spec.jitter, rise=spec.rise,
-                         fall=spec.fall)
+def _backend(m: Member) -> Backend:
+    return Backend(m.host, m.port, weight=m.weight, backup=m.backup)
+
+
+def _flags(members: Sequence[Member]) -> dict[tuple[str, int], HealthFlag]:
+    flags: dict[tuple[str, int], HealthFlag] = {}
+    for m in members:
+        if m.down or m.drained:
+            flag = HealthFlag(0)
+            if m.down:
+                flag |= HealthFlag.ACTIVE_CHECK_FAILED
+            if m.drained:
+                flag |= HealthFlag.DRAINED
+            flags[(m.host, m.port)] = flag
+    return flags
+
+
+def _detector(spec: OutlierDetection | None, clock: MonotonicClock) -> OutlierDetector | None:
+    if spec is None:
+        return None
+    return OutlierDetector(
+        clock=clock, consecutive_failures=spec.consecutive_failures,
+        consecutive_gateway_errors=spec.consecutive_gateway_errors,
+        base_ejection_time=spec.base_ejection_time, max_ejection_time=spec.max_ejection_time,
+        max_ejection_percent=spec.max_ejection_percent * 100)
+
+
+def _failure_statuses(spec: OutlierDetection | None) -> frozenset[int] | None:
+    """Statuses that count as failures for outlier detection (None: not detecting)."""
+    if spec is None:
+        return None
+    return frozenset(code for lo, hi in spec.failure_statuses for code in range(lo, hi + 1))

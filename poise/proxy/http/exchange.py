@@ -140,7 +140,9 @@ class Exchange(RequestHead):
         """Count the attempt on ``pool``'s backend and attach an idle upstream
         connection, or open one (or wait in the queue when a limit is reached)."""
         self.pool = pool
-        pool.stats.in_flight += 1
+        stats = pool.stats
+        stats.in_flight += 1
+        stats.requests += 1
         self._counted = True
         cluster = self.cluster
         if cluster.load_changed is not None:
@@ -293,6 +295,8 @@ class Exchange(RequestHead):
         lines (flat name, ": ", value, CRLF groups)."""
         client = self.client
         cluster = self.cluster
+        if status >= 500:
+            self.pool.stats.failures += 1
         if cluster.observe is not None:
             self._observe(status < 500)
         if cluster.failure_statuses is not None:
@@ -359,7 +363,8 @@ class Exchange(RequestHead):
         """Answer with the status for ``error`` (before any response byte was sent).
         The connection stays open unless body bytes we did not read may follow."""
         body_pending = not self.request_complete and (self.content_length > 0 or self.chunked)
-        close = not self.keep_alive or body_pending
+        client = self.client
+        close = not self.keep_alive or body_pending or (client.draining and not client.queue)
         self.keep_alive = not close
         extra = b"x-poise-limit: %s\r\n" % error.limit.encode() \
             if isinstance(error, Overloaded) else b""
@@ -402,6 +407,7 @@ class Exchange(RequestHead):
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
         cluster = self.cluster
+        self.pool.stats.failures += 1
         if not self.response_head_sent and cluster is not None:
             if cluster.observe is not None:
                 self._observe(False)

@@ -374,6 +374,17 @@ class ClientConnection:
             self._parse_failed(RequestTimeout(
                 f"request head not received within {self.site.header_timeout:g}s"))
 
+    def retire(self, grace: float) -> None:
+        """Its listener was removed by a reload: what is in flight, and a request that
+        arrives within ``grace`` seconds, are answered with ``Connection: close``
+        (the client is told, not cut off); an idle connection that sends nothing in
+        that time is closed."""
+        self.draining = True
+        if self._idle and not self.closed:
+            when = self.deadline.when
+            if when is None or when > self.loop.time() + grace:
+                self.deadline.set(grace)
+
     def drain(self) -> None:
         """Graceful shutdown: finish what is in flight, then close."""
         self.draining = True

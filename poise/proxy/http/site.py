@@ -14,12 +14,21 @@ __all__ = ["ClusterRuntime", "Site"]
 
 
 class Site:
-    """Everything a client connection on one listener needs, precomputed."""
+    """Everything a client connection on one listener needs, precomputed.
+
+    One Site per bound listener for as long as it stays bound: a reload that changes
+    its settings or routes calls :meth:`configure`, which the next request on every
+    connection (kept-alive ones included) sees."""
 
     def __init__(self, spec: Listener, clusters: dict[str, ClusterRuntime],
                  loop: asyncio.AbstractEventLoop) -> None:
-        self.name = spec.name
         self.loop = loop
+        self.connections: set = set()
+        self.configure(spec, clusters)
+
+    def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime]) -> None:
+        """Take ``spec``'s settings and routes (to the runtimes in ``clusters``)."""
+        self.name = spec.name
         self.router = Router(spec.routes, clusters)
         self.header_timeout = spec.client_header_timeout
         self.idle_timeout = spec.client_idle_timeout
@@ -30,7 +39,12 @@ class Site:
         self.forwarded_headers = spec.forwarded_headers
         self.abort_on_client_close = spec.abort_on_client_close
         self.xfp = b"x-forwarded-proto: http\r\n"
-        self.connections: set = set()
+
+    def retire(self, grace: float) -> None:
+        """The listener was removed: its connections finish what they are doing and
+        close (see ``ClientConnection.retire``)."""
+        for conn in list(self.connections):
+            conn.retire(grace)
 
     def __repr__(self) -> str:
         return f"<Site {self.name} connections={len(self.connections)}>"

@@ -1,0 +1,1 @@
+"""The admin API: JSON over HTTP on its own listener, served by the control plane."""
