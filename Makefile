@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/policies.py
 	$(BIN)/python bench/checks.py
+	$(BIN)/python bench/reload.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

@@ -83,11 +83,47 @@ RESILIENCE = """\
 
 
 def poise(root: Path, port: int, backends: list[int], cmd: str,
-          resilience: bool = False) -> list[str]:
-    """poise: `<cmd> CONFIG` with a one-worker, round-robin YAML config; ``resilience``
-    adds an active health check and outlier detection."""
+          resilience: bool = False, workers: int = 1,
+          admin_port: int | None = None) -> list[str]:
+    """poise: `<cmd> CONFIG` with a round-robin YAML config of ``workers`` workers;
+    ``resilience`` adds an active health check and outlier detection, ``admin_port``
+    the admin API on that loopback port."""
     servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backends)
-    name = "poise-checks.yaml" if resilience else "poise.yaml"
-    conf = render("poise.yaml", root / name, port=port, servers=servers,
-                  resilience=RESILIENCE if resilience else "")
+    name = f"poise-{'checks' if resilience else 'plain'}-{workers}w.yaml"
+    admin = f"admin: {{bind: 127.0.0.1:{admin_port}}}\n" if admin_port else ""
+    conf = render("poise.yaml", root / name, port=port, servers=servers, workers=workers,
+                  admin=admin, resilience=RESILIENCE if resilience else "")
     return shlex.split(cmd) + [str(conf)]
+
+
+# ---------------------------------------------------------------- reload bench
+
+
+def nginx_prefix(root: Path, name: str) -> Path:
+    """``root/name`` set up as an nginx prefix (see _nginx_prefix)."""
+    return _nginx_prefix(root, name)
+
+
+def nginx_command(prefix: Path, conf: Path, *extra: str) -> list[str]:
+    """The nginx command line for a prefix and config, e.g. with ``"-s", "reload"``."""
+    return _nginx_argv(prefix, conf) + list(extra)
+
+
+def tagged_backend_nginx(root: Path, backends: dict[str, int]) -> list[str]:
+    """Backend nginx for bench/reload.py: one worker, one port per named backend, each
+    answering `GET /` with the 64-byte body and an `x-backend: NAME` header."""
+    prefix = _nginx_prefix(root, "tagged-backend")
+    body = SMALL_BODY.replace("\n", "\\n")
+    servers = "\n".join(
+        f"    server {{\n"
+        f"        listen 127.0.0.1:{port};\n"
+        f"        location = / {{\n"
+        f"            default_type text/plain;\n"
+        f"            add_header x-backend {name};\n"
+        f"            return 200 \"{body}\";\n"
+        f"        }}\n"
+        f"    }}"
+        for name, port in backends.items())
+    conf = render("reload-backend-nginx.conf", prefix / "nginx.conf", prefix=prefix,
+                  servers=servers)
+    return _nginx_argv(prefix, conf)

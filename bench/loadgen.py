@@ -67,18 +67,49 @@ def parse_wrk(text: str) -> dict:
     }
 
 
-def run_wrk(url: str, connections: int, duration: int, threads: int = 1,
-            latency: bool = True) -> dict:
-    """Run wrk against url for `duration` seconds and return parse_wrk() plus the raw text."""
+def wrk_argv(url: str, connections: int, duration: int, threads: int = 1,
+             latency: bool = True) -> list[str]:
+    """The wrk command line for one run."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s"]
     if latency:
         argv.append("--latency")
     argv.append(url)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise WrkError(f"wrk exited {proc.returncode}: {text.strip()}")
+    return argv
+
+
+def _result(argv: list[str], returncode: int, stdout: str, stderr: str) -> dict:
+    """parse_wrk() of a finished wrk plus its argv and raw text; WrkError if it failed."""
+    text = stdout + stderr
+    if returncode != 0:
+        raise WrkError(f"wrk exited {returncode}: {text.strip()}")
     result = parse_wrk(text)
     result["argv"] = argv
-    result["raw"] = proc.stdout
+    result["raw"] = stdout
     return result
+
+
+def run_wrk(url: str, connections: int, duration: int, threads: int = 1,
+            latency: bool = True) -> dict:
+    """Run wrk against url for `duration` seconds and return parse_wrk() plus the raw text."""
+    argv = wrk_argv(url, connections, duration, threads, latency)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    return _result(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_wrk(url: str, connections: int, duration: int, threads: int = 1,
+              latency: bool = True) -> subprocess.Popen:
+    """Start wrk in the background; finish_wrk() waits for it and parses its report."""
+    argv = wrk_argv(url, connections, duration, threads, latency)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_wrk(proc: subprocess.Popen, timeout: float) -> dict:
+    """Wait for a start_wrk() process (killing it after `timeout` s) and parse its report."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise WrkError(f"wrk did not finish within {timeout:.0f} s") from None
+    return _result(list(proc.args), proc.returncode, stdout, stderr)

@@ -215,6 +215,12 @@ def render_markdown(result: dict) -> str:
     if overhead is not None:
         lines += [f"Health checks + outlier detection configured (poise+checks ÷ poise CPU/req): "
                   f"{overhead:.3f}× (issue 4 bar ≤ 1.05×)", ""]
+    shares = result.get("poise_workers")
+    if shares:
+        total = sum(w["requests"] for w in shares) or 1
+        lines += ["poise-2w (`workers: 2`) requests per worker: " + ", ".join(
+            f"worker {w['slot']} (pid {w['pid']}) {w['requests']:,} ({w['requests'] / total:.0%})"
+            for w in shares), ""]
     if s["stream"]:
         lines += [f"## Streaming (GET /big, {BIG_SIZE // MIB} MiB body, "
                   f"`wrk -t1 -c{s['stream_connections']}` × {s['duration']} s)", ""]

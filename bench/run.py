@@ -16,9 +16,11 @@ See bench/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tempfile
+import urllib.request
 from contextlib import ExitStack, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,8 +39,12 @@ REPO = BENCH_DIR.parent
 # The floors (bench/floors.py) are references, not proxies: the least a Python relay
 # on uvloop (+ httptools) costs per request.
 FLOORS = ("uvloop-relay", "httptools-relay")
-PROXIES = ("poise", "poise+checks", "haproxy", "nginx", *FLOORS)
+# poise-2w: poise with `workers: 2` (a supervisor and control plane, two worker
+# processes); its admin API says how the requests were shared between the workers.
+PROXIES = ("poise", "poise+checks", "poise-2w", "haproxy", "nginx", *FLOORS)
 STREAM_CONNECTIONS = 4
+# poise-2w's admin API listens this far above its proxy port.
+ADMIN_OFFSET = 500
 
 
 def log(msg: str) -> None:
@@ -99,6 +105,9 @@ def start_service(stack: ExitStack, name: str, argv: list[str], root: Path,
 
 def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> list[str]:
     """Write the proxy's config and return its command line."""
+    if name == "poise-2w":
+        return configs.poise(root, port, backends, args.poise_cmd, workers=2,
+                             admin_port=port + ADMIN_OFFSET)
     if name.startswith("poise"):
         return configs.poise(root, port, backends, args.poise_cmd,
                              resilience=name == "poise+checks")
@@ -175,7 +184,7 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
                             else ("/big", STREAM_CONNECTIONS, False))
     for rnd in range(1, args.rounds + 1):
         for name, (svc, port) in list(running.items()):
-            if phase == "stream" and (name == "poise+checks" or name in FLOORS):
+            if phase == "stream" and (name in ("poise+checks", "poise-2w") or name in FLOORS):
                 continue    # per-request costs only: streaming is the same data path
             if drop_if_dead(name, svc, running, failures):
                 continue
@@ -213,8 +222,20 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
     running = start_proxies(stack, root, proxy_ports, backends, args, failures)
     warm_up(running, args, failures)
     run_phase("small", running, backend, args, samples, failures)
+    if "poise-2w" in running:
+        result["poise_workers"] = worker_shares(running["poise-2w"][1] + ADMIN_OFFSET)
     if not args.no_stream:
         run_phase("stream", running, backend, args, samples, failures)
+
+
+def worker_shares(admin_port: int) -> list[dict]:
+    """poise-2w's workers as its admin API lists them (pid, requests served)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/workers", timeout=5) as r:
+            return json.load(r)["workers"]
+    except (OSError, ValueError, KeyError) as exc:
+        log(f"!! poise-2w: cannot read /workers: {exc}")
+        return []
 
 
 def _tempdir(keep: bool):

@@ -82,6 +82,8 @@ SCHEMAS: dict[str, Any] = {
         "config_version": _VERSION,
         "snapshot_versions": {"type": "object", "additionalProperties": _VERSION,
                               "description": "Cluster name → snapshot version applied."},
+        "requests": {**_COUNT, "description": "Requests this worker sent to backends "
+                                              "(its latest report, about a second old)."},
     }),
     "WorkerList": _object({"workers": {"type": "array", "items": _ref("Worker")}}),
     "OpenApi": {"type": "object", "required": ["openapi", "info", "paths"]},

@@ -69,5 +69,6 @@ class Operations(Protocol):
     def workers(self) -> list[dict[str, Any]]:
         """Each worker slot: ``{"slot": int, "pid": int | None, "state": "starting" |
         "running" | "restarting" | "stopping", "restarts": int, "config_version":
-        int, "snapshot_versions": {cluster: int}}`` (the versions it has applied)."""
+        int, "snapshot_versions": {cluster: int}, "requests": int}`` (the versions it
+        has applied; requests it sent to backends, per its latest report)."""
         ...

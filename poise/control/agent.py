@@ -6,8 +6,8 @@ The control plane sends one kind of message, ``apply``::
      "config": {...} | null,            # the whole config, when it changed
      "views": [ClusterView wire, ...]}  # whole snapshots of clusters
 
-A worker's first message is always a full one (config and every view).  Views whose
-version this worker already has are skipped, so a message may safely repeat them.
+A worker's first message is always a full one (config and every view).  Views not
+newer than the version this worker has are skipped, so a message may repeat them.
 Applying is a slow path: a snapshot is swapped in between requests; only binding a
 new listener awaits.  Messages are applied one at a time, in the order sent.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from poise.config.model import Config
-from poise.control.state import ClusterView, Member
+from poise.control.state import ClusterView
 from poise.proxy.server import ProxyServer
 
 log = logging.getLogger("poise")
@@ -95,19 +95,23 @@ class WorkerAgent:
         server = self.server
         if server is None:
             return
-        views = [v for v in _views(message) if v.version != self.versions.get(v.name)]
-        fresh: dict[str, tuple[Member, ...]] = {v.name: v.members for v in views}
+        views = _views(message)
         version = int(message["config_version"])
         if message.get("config") is not None and version != self.config_version:
             config = Config.model_validate(message["config"])
-            await server.apply_config(config, fresh)
-            self.config_version = version
             names = {c.name for c in config.clusters}
+            # A cluster removed by an earlier reload and added again starts over at 1.
             self.versions = {n: v for n, v in self.versions.items() if n in names}
+            await server.apply_config(config, {v.name: v.members for v in views
+                                               if self._newer(v)})
+            self.config_version = version
         for view in views:
-            if view.name in server.clusters:
+            if self._newer(view) and view.name in server.clusters:
                 server.apply_members(view.name, view.members)
                 self.versions[view.name] = view.version
+
+    def _newer(self, view: ClusterView) -> bool:
+        return view.version > self.versions.get(view.name, 0)
 
 
 def _views(message: Message) -> list[ClusterView]:

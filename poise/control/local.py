@@ -30,7 +30,7 @@ class LocalFleet:
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"slot": 0, "pid": os.getpid(), "state": "running", "restarts": 0,
-                 **self.agent.status()}]
+                 **self.agent.status(), "requests": self.stats().requests_of(0)}]
 
     def resize(self, count: int) -> None:
         """Never asked: the control plane refuses to leave ``workers: 1`` by reload."""

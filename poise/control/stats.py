@@ -48,6 +48,10 @@ class StatsBook:
         wanted = set(keep)
         self._gone = {k: v for k, v in self._gone.items() if k in wanted}
 
+    def requests_of(self, worker: Hashable) -> int:
+        """Requests ``worker`` sent to backends, per its latest report (0: none yet)."""
+        return sum(row[1] for _, _, row in _rows(self._latest.get(worker) or {}))
+
     @property
     def workers(self) -> int:
         """How many workers have reported."""

@@ -81,7 +81,8 @@ class WorkerSet:
         return self.book
 
     def workers(self) -> list[dict[str, Any]]:
-        return [w.describe() for _, w in sorted(self.slots.items())]
+        return [{**w.describe(), "requests": self.book.requests_of(w.pid)}
+                for _, w in sorted(self.slots.items())]
 
     def resize(self, count: int) -> None:
         """Start or stop workers so that ``count`` run (stopped ones drain first)."""

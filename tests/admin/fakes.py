@@ -29,9 +29,9 @@ CLUSTERS = [
 
 WORKERS = [
     {"slot": 0, "pid": 4242, "state": "running", "restarts": 0, "config_version": 2,
-     "snapshot_versions": {"app": 3, "api": 1}},
+     "snapshot_versions": {"app": 3, "api": 1}, "requests": 17},
     {"slot": 1, "pid": None, "state": "restarting", "restarts": 3, "config_version": 1,
-     "snapshot_versions": {}},
+     "snapshot_versions": {}, "requests": 0},
 ]
 
 
