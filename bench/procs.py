@@ -13,7 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -246,3 +249,38 @@ def ensure_tools() -> None:
     subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "nginx", "haproxy", "wrk"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def tempdir(keep: bool, prefix: str):
+    """TemporaryDirectory, or a plain mkdtemp that is left in place with --keep-temp."""
+    if not keep:
+        return tempfile.TemporaryDirectory(prefix=prefix)
+    return nullcontext(tempfile.mkdtemp(prefix=prefix))
+
+
+def _raise_interrupt(signum, frame):
+    """SIGTERM handler: unwind like Ctrl-C so every started process is stopped."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_cleanly(work: Callable[[ExitStack], None], log: Callable[[str], None]) -> bool:
+    """Run ``work(stack)``; whatever happens, then stop every process registered on the
+    stack (SIGTERM unwinds like Ctrl-C, and a second one cannot skip the cleanup).
+    False when interrupted."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stack = ExitStack()
+    try:
+        work(stack)
+    except KeyboardInterrupt:
+        log("!! interrupted: stopping all processes, no results saved")
+        return False
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log("# stopping all processes")
+        stack.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return True

@@ -22,15 +22,13 @@ import http.client
 import json
 import math
 import os
-import signal
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,10 +94,6 @@ def wrk_duration(args) -> int:
     """Whole seconds of load: warm-up, ten reload intervals, then the tail."""
     return math.ceil(args.warmup + len(RELOADS) * args.interval + args.tail)
 
-
-def _raise_interrupt(signum, frame):
-    """SIGTERM handler: unwind like Ctrl-C so every started process is stopped."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---------------------------------------------------------------- probes
@@ -279,16 +273,10 @@ def leftover_processes(root: Path) -> list[str]:
     return found
 
 
-def _tempdir(keep: bool):
-    """TemporaryDirectory, or a plain mkdtemp that is left in place with --keep-temp."""
-    if not keep:
-        return tempfile.TemporaryDirectory(prefix="poise-reload-")
-    return nullcontext(tempfile.mkdtemp(prefix="poise-reload-"))
-
 
 def benchmark(args, stack: ExitStack, result: dict) -> None:
     """Start the backend, then alternate the proxies over the rounds."""
-    root = Path(stack.enter_context(_tempdir(args.keep_temp)))
+    root = Path(stack.enter_context(procs.tempdir(args.keep_temp, "poise-reload-")))
     root.chmod(0o755)  # nginx workers run unprivileged
     log(f"# tempdir {root}")
     result["tempdir"] = str(root)
@@ -332,7 +320,6 @@ def save(result: dict, markdown: str, results_dir: Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     """Run the reload benchmark; always stop what was started; return the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     procs.ensure_tools()
     started = datetime.now(UTC)
     result = {
@@ -345,18 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine_info(),
         "failures": {}, "samples": [],
     }
-    stack = ExitStack()
-    try:
-        benchmark(args, stack, result)
-    except KeyboardInterrupt:
-        log("!! interrupted: stopping all processes, no results saved")
+    if not procs.run_cleanly(lambda stack: benchmark(args, stack, result), log):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        log("# stopping all processes")
-        stack.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     result["elapsed_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     result["summary"] = summarize(result["samples"], args.only)
     markdown = render_markdown(result)

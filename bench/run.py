@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import tempfile
 import urllib.request
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,10 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--duration and --rounds must be >= 1, --warmup >= 0")
     return args
 
-
-def _raise_interrupt(signum, frame):
-    """SIGTERM handler: unwind like Ctrl-C so every started process is stopped."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---------------------------------------------------------------- services
@@ -206,7 +200,7 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
 
 def benchmark(args, stack: ExitStack, result: dict) -> None:
     """Start everything, run both phases, fill result['samples'] and result['failures']."""
-    tmp = stack.enter_context(_tempdir(args.keep_temp))
+    tmp = stack.enter_context(procs.tempdir(args.keep_temp, "poise-bench-"))
     root = Path(tmp)
     root.chmod(0o755)  # nginx workers run unprivileged and must read /big
     log(f"# tempdir {root}")
@@ -238,12 +232,6 @@ def worker_shares(admin_port: int) -> list[dict]:
         return []
 
 
-def _tempdir(keep: bool):
-    """TemporaryDirectory, or a plain mkdtemp that is left in place with --keep-temp."""
-    if not keep:
-        return tempfile.TemporaryDirectory(prefix="poise-bench-")
-    return nullcontext(tempfile.mkdtemp(prefix="poise-bench-"))
-
 
 def finish(args, result: dict) -> int:
     """Summarize, print and save; return the exit status."""
@@ -267,7 +255,6 @@ def finish(args, result: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; always stop what was started; return the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     procs.ensure_tools()
     started = datetime.now(UTC)
     result = {
@@ -279,18 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": report.machine_info(),
         "failures": {}, "samples": [],
     }
-    stack = ExitStack()
-    try:
-        benchmark(args, stack, result)
-    except KeyboardInterrupt:
-        log("!! interrupted: stopping all processes, no results saved")
+    if not procs.run_cleanly(lambda stack: benchmark(args, stack, result), log):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        log("# stopping all processes")
-        stack.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     result["elapsed_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)
     return finish(args, result)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ from poise.config.load import load_config
 from poise.config.model import MAX_WEIGHT, Cluster, Config, HealthCheck
 from poise.config.units import parse_address
 from poise.control.agent import Message, apply_message
+from poise.control.binding import bind_error
 from poise.control.report import backend_entry, cluster_entry, redacted
 from poise.control.state import ClusterState, Member, members_of
 from poise.control.stats import StatsBook
@@ -148,17 +148,11 @@ class ControlPlane:
         held = {parse_address(lst.bind) for lst in self.config.listeners}
         problems = []
         for i, lst in enumerate(config.listeners):
-            host, port = parse_address(lst.bind)
-            if (host, port) in held:
+            if parse_address(lst.bind) in held:
                 continue
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((host, port))
-                except OSError as e:
-                    problems.append((f"listeners[{i}].bind",
-                                     f"cannot bind {lst.bind}: {e.strerror or e}"))
+            reason = bind_error(lst.bind)
+            if reason is not None:
+                problems.append((f"listeners[{i}].bind", f"cannot bind {lst.bind}: {reason}"))
         return problems
 
     def _apply(self, config: Config) -> None:

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ import uvloop
 from poise.config.model import Config
 from poise.config.units import parse_address
 from poise.control.agent import WorkerAgent
+from poise.control.binding import bind_error
 from poise.control.local import LocalFleet
 from poise.control.memory import tune_malloc
 from poise.control.plane import ControlPlane
@@ -64,17 +64,7 @@ def busy_listeners(config: Config) -> list[tuple[str, str]]:
     binds = [listener.bind for listener in config.listeners]
     if config.admin is not None:
         binds.append(config.admin.bind)
-    busy = []
-    for bind in binds:
-        host, port = parse_address(bind)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as e:
-                busy.append((bind, e.strerror or str(e)))
-    return busy
+    return [(bind, reason) for bind in binds if (reason := bind_error(bind)) is not None]
 
 
 async def serve_here(config: Config, path: str | None,
