@@ -29,15 +29,13 @@ from poise.control.binding import bind_error
 from poise.control.local import LocalFleet
 from poise.control.memory import tune_malloc
 from poise.control.plane import ControlPlane
-from poise.control.workers import WorkerSet
+from poise.control.workers import EXIT_GRACE, WorkerSet
 from poise.proxy.server import ProxyServer
 
 if TYPE_CHECKING:
     from poise.admin.http import AdminServer
 
 log = logging.getLogger("poise")
-# Beyond drain_timeout, how long the supervisor waits for draining workers to exit.
-_EXIT_GRACE = 10.0
 
 
 def run(config: Config, path: str | None = None,
@@ -124,7 +122,7 @@ async def _supervise(config: Config, path: str | None) -> int:
     plane.stop()
     if admin is not None:
         admin.close()
-    await workers.stop(plane.config.drain_timeout + _EXIT_GRACE)
+    await workers.stop(plane.config.drain_timeout + EXIT_GRACE)
     return code
 
 

@@ -4,7 +4,9 @@ supervisor, never by hand).
 It reads the control plane's whole state from the channel on file descriptor FD,
 builds and binds its data plane, says ``ready``, then applies what the control plane
 sends and reports its counts every second.  SIGTERM, or the channel closing (the
-supervisor is gone), stops it gracefully; SIGINT and SIGHUP are the supervisor's.
+supervisor is gone), stops it gracefully; a ``retire`` message (a reload lowered
+``workers``) makes it leave as a removed listener does, telling each client to
+reconnect; SIGINT and SIGHUP are the supervisor's.
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ async def _serve(sock: socket.socket) -> int:
 
     agent = WorkerAgent(loop, on_applied=lambda status: send({"type": "applied", **status}))
 
+    retiring = False
+
     def received(message: Message) -> None:
+        nonlocal retiring
         if not first.done():
             first.set_result(message)
+        elif message.get("type") == "retire":
+            retiring = True
+            stop.set()
         else:
             agent.receive(message)
 
@@ -77,7 +85,11 @@ async def _serve(sock: socket.socket) -> int:
     reporter = _Reporter(loop, agent, send)
     await stop.wait()
     reporter.stop()
-    clean = await server.shutdown(server.config.drain_timeout)
+    if retiring:
+        log.info("retiring: no longer needed (fewer workers)")
+        clean = await server.retire(server.config.drain_timeout)
+    else:
+        clean = await server.shutdown(server.config.drain_timeout)
     if not clean:
         log.warning("drain timeout: some connections were closed with requests in flight")
     send({"type": "stats", "counters": agent.counters()})     # the last counts

@@ -33,6 +33,7 @@ START_ATTEMPTS = 3          # quick deaths in a row of one worker that fail the 
 STABLE_AFTER = 10.0         # a worker that lived this long resets the backoff
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0
+EXIT_GRACE = 10.0           # beyond drain_timeout, before a draining worker is killed
 
 
 class Worker:
@@ -92,10 +93,15 @@ class WorkerSet:
         for slot in range(count):
             if slot not in self.slots:
                 self.loop.create_task(self._spawn(Worker(slot)))
+        grace = self.plane.config.drain_timeout
         for slot in [s for s in self.slots if s >= count]:
             worker = self.slots.pop(slot)
             worker.state = "stopping"
-            _terminate(worker)
+            # Not SIGTERM: a shutdown closes idle connections at once, and a request
+            # already on its way on one would fail while the other workers serve on.
+            if worker.channel is None or not worker.channel.send({"type": "retire"}):
+                _terminate(worker)
+            self.loop.call_later(grace + EXIT_GRACE, _kill, worker)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -206,6 +212,13 @@ class WorkerSet:
         successor.restarts = worker.restarts + 1
         self.restarts += 1
         await self._spawn(successor)
+
+
+def _kill(worker: Worker) -> None:
+    """A retired worker still running long after its drain: kill it."""
+    if worker.process is not None and worker.process.returncode is None:
+        log.error("worker %d (pid %s) did not stop in time: killed", worker.slot, worker.pid)
+        worker.process.kill()
 
 
 def _terminate(worker: Worker) -> None:

@@ -168,7 +168,25 @@ class ProxyServer:
         for site in sites:
             for conn in list(site.connections):
                 conn.drain()
-        deadline = self.loop.time() + drain_timeout
+        return await self._finish(sites, drain_timeout)
+
+    async def retire(self, grace: float) -> bool:
+        """Leave while other workers serve on (a reload lowered ``workers``): stop
+        accepting, and treat every connection as a removed listener's: what is in
+        flight finishes, and the next response says ``Connection: close`` so that the
+        client reconnects (to another worker) instead of finding its connection cut.
+        Returns True when nothing had to be cut off after ``grace`` seconds."""
+        for server in self.servers.values():
+            server.close()
+        sites = self._all_sites()
+        for site in sites:
+            site.retire(grace)
+        return await self._finish(sites, grace)
+
+    async def _finish(self, sites: list[Site], timeout: float) -> bool:
+        """Wait until ``sites`` have no connection or ``timeout`` passed; abort the
+        rest, release timers and idle upstream connections."""
+        deadline = self.loop.time() + timeout
         while any(site.connections for site in sites) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         clean = not any(site.connections for site in sites)

@@ -14,6 +14,7 @@ from poise.control.state import Member
 from poise.core.health import HealthFlag
 from poise.core.outlier import Outcome
 from poise.proxy.http.cluster import ClusterRuntime
+from poise.proxy.http.upstream import UpstreamConnection
 
 EX = SimpleNamespace()
 A, B, C = (Member("127.0.0.1", 9001), Member("127.0.0.1", 9002), Member("127.0.0.1", 9003))
@@ -58,11 +59,12 @@ def test_stats_and_pools_survive_a_snapshot_that_keeps_the_address(loop):
 def test_a_removed_backend_takes_no_new_requests_and_keeps_no_idle_connections(loop):
     rt = ClusterRuntime(spec(), loop)
     pool_a = by_port(rt)[9001]
-    closed = []
-    pool_a.idle.append(SimpleNamespace(usable=True, close=lambda: closed.append(1)))
+    conn = UpstreamConnection(pool_a)       # (never connected: closing it is a no-op)
+    conn.usable = True
+    pool_a.idle.append(conn)
     rt.apply_members([B])
     assert picked_ports(rt) == {9002}
-    assert closed == [1] and not pool_a.idle
+    assert not conn.usable and not pool_a.idle
     assert pool_a.max_idle == 0, "a connection released later would be pooled"
 
 

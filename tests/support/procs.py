@@ -1,9 +1,12 @@
-"""Real processes for proxy tests: h11 backends and ``python -m poise run CONFIG``."""
+"""Real processes for proxy tests: h11 backends and ``python -m poise run CONFIG``,
+plus what the control-plane tests need of them: an admin API client, rewriting the
+config file and reloading it, and which worker process holds a client connection."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +15,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+from tests.support.admin import AdminClient, AdminResponse, children
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where `python -m poise` runs from (its poise/ package wins): this checkout, unless
@@ -179,8 +185,9 @@ class Poise:
         self.spec = (backends, listener, cluster, dict(top, extra_clusters=extra_clusters))
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
+        self.admin: AdminClient | None = None
         for attempt in range(3):
-            if self._start(attempt):
+            if self._start(attempt) and self._admin_ready():
                 return
         raise RuntimeError(f"poise did not start:\n{self.log()}")
 
@@ -188,7 +195,16 @@ class Poise:
         backends, listener, cluster, top = self.spec
         self.port = free_port()
         self.addr = (LOOPBACK, self.port)
+        self.admin = None
+        admin = top.get("admin")
+        if isinstance(admin, dict) and "bind" not in admin:
+            # (a fresh port per attempt, as for the listener)
+            top = {**top, "admin": {"bind": f"{LOOPBACK}:{free_port()}", **admin}}
         self.config = make_config(backends, self.port, listener, cluster, **top)
+        if self.config.get("admin") is not None:
+            host, _, port = self.config["admin"]["bind"].rpartition(":")
+            self.admin = AdminClient((host.strip("[]"), int(port)),
+                                     self.config["admin"].get("token"))
         self.config_path = self.workdir / f"poise-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.log_path = self.workdir / f"poise-{self.port}.log"
@@ -208,6 +224,24 @@ class Poise:
         self.proc.kill()
         self.proc.wait()
         return False
+
+    def _admin_ready(self) -> bool:
+        """With an admin API: wait until it answers and every worker runs (the
+        listeners may accept before either does); False when poise exited instead
+        (its admin port was taken, say)."""
+        if self.admin is None:
+            return True
+
+        def up() -> bool:
+            try:
+                return self.admin.get("/healthz").status == 200
+            except OSError:
+                return self.proc.poll() is not None
+        wait_for(up, 15, lambda: f"poise's admin API\n{self.log()}")
+        if self.proc.poll() is not None:
+            return False
+        self.wait_workers()
+        return True
 
     @property
     def pid(self) -> int:
@@ -244,6 +278,61 @@ class Poise:
             return self.log_path.read_text(errors="replace")
         except (OSError, AttributeError):
             return ""
+
+    def wait_log(self, pattern: str, timeout: float = 5.0, count: int = 1) -> None:
+        """Until poise has logged ``count`` lines matching the regex ``pattern``."""
+        regex = re.compile(pattern)
+        wait_for(lambda: len(regex.findall(self.log())) >= count, timeout,
+                 lambda: f"{count}× {pattern!r} in poise's log\n--- log:\n"
+                         f"{self.log()[-3000:]}")
+
+    # -- the control plane: config file, reload, workers ------------------------------
+
+    def write_config(self, config: dict | str) -> None:
+        """Replace the config file (a dict is written as YAML, a str as it is; a dict
+        becomes :attr:`config`, the config last written)."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)       # (a reader never sees half a file)
+        if isinstance(config, dict):
+            self.config = config
+
+    def reload(self, config: dict | str | None = None) -> AdminResponse:
+        """Write ``config`` (if given), then ``POST /reload``; the admin API's answer."""
+        if config is not None:
+            self.write_config(config)
+        return self.admin.post("/reload")
+
+    def workers(self) -> list[dict]:
+        """``GET /workers``: each worker slot as the control plane sees it."""
+        r = self.admin.get("/workers")
+        assert r.status == 200, r
+        return r.json()["workers"]
+
+    def wait_workers(self, timeout: float = 15.0, count: int | None = None,
+                     **expected) -> list[dict]:
+        """Until ``count`` worker slots (default: as many as poise started with) are
+        all ``running`` and, per ``expected``, have e.g. that ``config_version`` or
+        ``snapshot_versions``; the slots."""
+        if count is None:
+            count = self.spec[3].get("workers", 1)
+            if count == "auto":
+                count = len(os.sched_getaffinity(0))
+
+        def settled():
+            ws = self.workers()
+            if len(ws) == count and all(
+                    w["state"] == "running" and all(w.get(k) == v for k, v in expected.items())
+                    for w in ws):
+                return ws
+            return None
+        return wait_for(settled, timeout, lambda: f"{count} worker(s) running with "
+                                                  f"{expected} (now {self.workers()})")
+
+    def children(self) -> list[int]:
+        """The pids of poise's child processes (its workers when ``workers`` > 1)."""
+        return children(self.pid)
 
     def __repr__(self) -> str:
         return f"<Poise pid={self.proc.pid if self.proc else None} {LOOPBACK}:{self.port}>"
