@@ -44,19 +44,15 @@ class BackendStats:
     Plain attributes, mutated by the data plane on the event loop thread only.
     """
 
-    __slots__ = ("in_flight", "active_connections", "requests", "failures", "last_error_at",
-                 "ewma_rtt", "ewma_at")
+    __slots__ = ("in_flight", "active_connections", "last_error_at", "ewma_rtt", "ewma_at")
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.active_connections = 0
-        self.requests = 0
-        self.failures = 0
         self.last_error_at = 0.0
         # Latency estimate kept by latency-aware policies (peak_ewma); 0.0 = no data.
         self.ewma_rtt = 0.0
         self.ewma_at = 0.0
 
     def __repr__(self) -> str:
-        return (f"<BackendStats in_flight={self.in_flight} conns={self.active_connections} "
-                f"requests={self.requests} failures={self.failures}>")
+        return f"<BackendStats in_flight={self.in_flight} conns={self.active_connections}>"

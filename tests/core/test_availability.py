@@ -285,7 +285,7 @@ def test_set_backends_keeps_flags_by_address_and_forgets_removed_ones():
                                               "max_ejection_percent": 100})
     health.set_flag(A, DRAINED, True)
     health.report(B, GW)
-    health.snapshot.stats[A].requests = 3
+    health.snapshot.stats[A].active_connections = 3
     heavier_a = Backend("10.0.0.1", 80, weight=5)
     e = Backend("10.0.0.5", 80)
     clock.advance(1)
@@ -293,7 +293,7 @@ def test_set_backends_keeps_flags_by_address_and_forgets_removed_ones():
     snap = health.snapshot
     assert snap.backends == (heavier_a, C, D, e) and changes[-1] is snap
     assert health.flags(heavier_a) == DRAINED and not snap.ready(heavier_a)
-    assert snap.stats[heavier_a].requests == 3
+    assert snap.stats[heavier_a].active_connections == 3
     assert snap.ready_since == {e: 101.0}           # new backends are cold
     assert health.next_release() is None            # B's ejection is forgotten
     health.set_backends([heavier_a, B, C, D, e])    # B again: a fresh start

@@ -36,8 +36,8 @@ def test_backend_address_and_repr():
 
 def test_backend_stats_start_at_zero():
     stats = BackendStats()
-    assert (stats.in_flight, stats.active_connections, stats.requests, stats.failures) == (0, 0, 0, 0)
-    assert repr(stats) == "<BackendStats in_flight=0 conns=0 requests=0 failures=0>"
+    assert (stats.in_flight, stats.active_connections, stats.ewma_rtt) == (0, 0, 0.0)
+    assert repr(stats) == "<BackendStats in_flight=0 conns=0>"
 
 
 # -- ClusterSnapshot ---------------------------------------------------------------------------
@@ -54,14 +54,14 @@ def test_build_keeps_config_order_and_gives_each_backend_stats():
 def test_build_keeps_stats_of_surviving_backends():
     first = ClusterSnapshot.build("app", [A, B])
     first.stats[A].in_flight = 3
-    first.stats[B].requests = 10
+    first.stats[B].active_connections = 10
     second = ClusterSnapshot.build("app", [B, Backend("10.0.0.1", 80), C], previous=first)
     assert second.stats[A] is first.stats[A]        # an equal backend is the same backend
     assert second.stats[A].in_flight == 3
     assert second.stats[B] is first.stats[B]
-    assert second.stats[B].requests == 10
+    assert second.stats[B].active_connections == 10
     assert second.stats[C] is not first.stats[A]
-    assert second.stats[C].requests == 0
+    assert second.stats[C].active_connections == 0
 
 
 def test_build_drops_stats_of_removed_backends():
@@ -75,7 +75,7 @@ def test_a_reweighted_backend_keeps_its_live_stats():
     # Changing a weight at runtime does not make the server forget the requests it has
     # in flight (least_conn and peak_ewma read them): stats are carried by address.
     first = ClusterSnapshot.build("app", [A])
-    first.stats[A].requests = 5
+    first.stats[A].active_connections = 5
     heavier = Backend("10.0.0.1", 80, weight=2)
     second = ClusterSnapshot.build("app", [heavier], previous=first)
     assert second.stats[heavier] is first.stats[A]

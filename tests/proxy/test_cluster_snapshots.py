@@ -47,11 +47,11 @@ def test_stats_and_pools_survive_a_snapshot_that_keeps_the_address(loop):
     rt = ClusterRuntime(spec(), loop)
     pool_a = by_port(rt)[9001]
     pool_a.stats.in_flight = 3
-    pool_a.stats.requests = 10
+    pool_a.requests = 10
     rt.apply_members([Member(A.host, A.port, weight=5), B, C])
     assert by_port(rt)[9001] is pool_a, "the pool (and its idle connections) was replaced"
     assert pool_a.backend.weight == 5, "the pool still points at the old Backend object"
-    assert pool_a.stats.in_flight == 3 and pool_a.stats.requests == 10
+    assert pool_a.stats.in_flight == 3 and pool_a.requests == 10
     assert rt.health.snapshot.stats[pool_a.backend] is pool_a.stats
     assert picked_ports(rt, 70) == {9001, 9002, 9003}
 
@@ -149,7 +149,7 @@ def test_a_reload_keeps_the_retry_budget_unless_retries_changed(loop):
 def test_counters_report_each_backend(loop):
     rt = ClusterRuntime(spec(outlier_detection={"consecutive_gateway_errors": 1}), loop)
     a, b = rt.health.snapshot.backends
-    rt.pools[a].stats.requests = 4
-    rt.pools[a].stats.failures = 1
+    rt.pools[a].requests = 4
+    rt.pools[a].errors = 1
     rt.report(rt.pools[b], Outcome.GATEWAY_ERROR)
     assert rt.counters() == {A.address: [0, 4, 1, 0], B.address: [0, 0, 0, 1]}

@@ -360,9 +360,8 @@ class ClusterRuntime:
         health = self.health
         out: dict[str, list[int]] = {}
         for backend, pool in self.pools.items():
-            stats = pool.stats
             ejected = HealthFlag.OUTLIER_EJECTED in health.flags(backend)
-            out[backend.address] = [stats.in_flight, stats.requests, stats.failures,
+            out[backend.address] = [pool.stats.in_flight, pool.requests, pool.errors,
                                     1 if ejected else 0]
         return out
 

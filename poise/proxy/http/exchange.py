@@ -140,9 +140,8 @@ class Exchange(RequestHead):
         """Count the attempt on ``pool``'s backend and attach an idle upstream
         connection, or open one (or wait in the queue when a limit is reached)."""
         self.pool = pool
-        stats = pool.stats
-        stats.in_flight += 1
-        stats.requests += 1
+        pool.stats.in_flight += 1
+        pool.requests += 1
         self._counted = True
         cluster = self.cluster
         if cluster.load_changed is not None:
@@ -296,7 +295,7 @@ class Exchange(RequestHead):
         client = self.client
         cluster = self.cluster
         if status >= 500:
-            self.pool.stats.failures += 1
+            self.pool.errors += 1
         if cluster.observe is not None:
             self._observe(status < 500)
         if cluster.failure_statuses is not None:
@@ -407,7 +406,7 @@ class Exchange(RequestHead):
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
         cluster = self.cluster
-        self.pool.stats.failures += 1
+        self.pool.errors += 1
         if not self.response_head_sent and cluster is not None:
             if cluster.observe is not None:
                 self._observe(False)

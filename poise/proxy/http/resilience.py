@@ -88,7 +88,7 @@ async def _connect_failing_over(ex: Exchange,
             if ex.finished:
                 return
             tried.append(pool)
-            pool.stats.failures += 1
+            pool.errors += 1
             if cluster.observe is not None:
                 ex._observe(False)
             if cluster.failure_statuses is not None:
