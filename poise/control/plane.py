@@ -133,7 +133,7 @@ class ControlPlane:
         """Changes a running poise cannot make."""
         old = self.config
         problems = []
-        if (old.workers == 1) != (config.workers == 1) and old.workers != config.workers:
+        if (old.workers == 1) != (config.workers == 1):
             problems.append(("workers", "changing between 1 worker and several needs a "
                                         "restart"))
         old_bind = old.admin.bind if old.admin else None

@@ -473,8 +473,11 @@ def test_client_that_never_reads_is_cut_off(server):
     burst = request("GET", "/clusters") * 500
     with Conn(server.addr, timeout=0.2) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # Far more than loopback's socket buffers can hold (they autotune to a few MiB
+        # each way): sending blocks only once the server stops reading.
         try:
-            for _ in range(200):
+            for _ in range(2000):
                 c.send(burst)
         except TimeoutError:
             pass
