@@ -259,18 +259,21 @@ def test_a_worker_stopped_by_a_reload_tells_its_connections_to_close(stack):
         fresh_conn.close()
 
 
-def test_changing_the_number_of_workers_under_load_fails_no_request(stack):
+def test_changing_the_number_of_workers_under_keep_alive_load_fails_no_request(stack):
+    # Keep-alive clients only: a connection that is still in a retiring worker's accept
+    # queue when it closes its socket is reset by the kernel (unless Linux has
+    # net.ipv4.tcp_migrate_req=1), a gap documented in docs/operations.md.  Connections
+    # it has accepted are told to close, which the test above proves one by one.
     b1 = stack.backend("b1")
     px = stack.poise([b1], workers=3, admin=ADMIN, drain_timeout="5s")
-    with LoadGen(px.addr, connections=32) as load, \
-            LoadGen(px.addr, connections=16, per_connection=1) as churn:
+    with LoadGen(px.addr, connections=48) as load:
         version = 1
         for workers in (2, 3, 2, 3):
             load.wait_more(300)
             version += 1
             apply(px, {**px.config, "workers": workers}, "api", version)
         load.wait_more(300)
-    assert load.failures == [] and churn.failures == [], (load.summary(), churn.summary())
+    assert load.failures == [], load.summary()
     assert [w["slot"] for w in px.workers()] == [0, 1, 2]
 
 
