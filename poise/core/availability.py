@@ -112,9 +112,7 @@ class ClusterHealth:
         since the ejection most likely came from the same outage."""
         key = _key(backend)
         changed = self._change(key, HealthFlag.ACTIVE_CHECK_FAILED, False)
-        if self._outlier is not None and self._outlier.end_ejection(key):
-            changed |= self._change(key, HealthFlag.OUTLIER_EJECTED, False)
-        if changed:
+        if self._end_ejection(key) or changed:
             self._refresh()
 
     def tick(self) -> None:
@@ -156,10 +154,15 @@ class ClusterHealth:
             for flag in HealthFlag:
                 if flag & owned and (flag in want) != (flag in have):
                     self._change(key, flag, flag in want)
-            if HealthFlag.ACTIVE_CHECK_FAILED in have & ~want and self._outlier is not None \
-                    and self._outlier.end_ejection(key):
-                self._change(key, HealthFlag.OUTLIER_EJECTED, False)
+            if HealthFlag.ACTIVE_CHECK_FAILED in have & ~want:
+                self._end_ejection(key)         # (as recovered)
         self._refresh(members)
+
+    def _end_ejection(self, key: _Key) -> bool:
+        """End an outlier ejection of ``key`` early; True when one ended."""
+        if self._outlier is None or not self._outlier.end_ejection(key):
+            return False
+        return self._change(key, HealthFlag.OUTLIER_EJECTED, False)
 
     def configure(self, panic_threshold: float, outlier: OutlierDetector | None) -> None:
         """New settings (a config reload).  Pass the current detector to keep its

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
@@ -15,6 +14,7 @@ from poise.admin.ops import ReloadResult
 from poise.config.model import MAX_WEIGHT
 from poise.errors import ControlError, UnknownBackend
 from tests.admin.fakes import FakeOps
+from tests.support.openapi import validate_response
 
 TOKEN = "t0ken"
 AUTH = [(b"authorization", b"Bearer " + TOKEN.encode())]
@@ -46,29 +46,11 @@ def test_weight_limits_agree():
     assert (schema["minimum"], schema["maximum"]) == (1, MAX_WEIGHT)
 
 
-def _resolve(obj: dict) -> dict:
-    while "$ref" in obj:
-        node = DOCUMENT
-        for part in obj["$ref"].removeprefix("#/").split("/"):
-            node = node[part]
-        obj = node
-    return obj
-
-
 def _check(route_method: str, template: str, response: Response) -> str:
     """Validate ``response`` against the documented response for its status (or the
     default); returns the documented key used."""
-    op = DOCUMENT["paths"][template][route_method.lower()]
-    key = str(response.status) if str(response.status) in op["responses"] else "default"
-    documented = _resolve(op["responses"][key])
-    schema = documented["content"]["application/json"]["schema"]
-    # Resolve the schema's $refs against the document's components.
-    jsonschema.Draft202012Validator(
-        {**schema, "components": DOCUMENT["components"]}).validate(response.json())
-    for name, header in documented.get("headers", {}).items():
-        value = dict(response.headers)[name.lower()]
-        jsonschema.validate(value, header["schema"])
-    return key
+    return validate_response(DOCUMENT, route_method, template, response.status,
+                             dict(response.headers), response.json())
 
 
 def _target(template: str, name: str = "app", address: str = "127.0.0.1:9001") -> str:

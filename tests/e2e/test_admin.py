@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
@@ -25,6 +24,7 @@ from tests.support.control import (
     wait_snapshot,
     worker_pids,
 )
+from tests.support.openapi import validate_response
 from tests.support.waiting import wait_for
 
 BACKEND = "/clusters/{name}/backends/{address}"
@@ -56,27 +56,13 @@ def document(px) -> dict:
 def check(document):
     """``check(method, template, response)``: the response fits the schema the served
     document gives for its status (or its default response), headers included."""
-    def resolve(obj: dict) -> dict:
-        while "$ref" in obj:
-            node = document
-            for part in obj["$ref"].removeprefix("#/").split("/"):
-                node = node[part]
-            obj = node
-        return obj
-
     def check(method: str, template: str, response) -> None:
         assert response.headers["content-type"] == "application/json"
         if method == "HEAD":        # (answered as GET, without the body)
             assert response.body == b""
             return
-        op = document["paths"][template][method.lower()]
-        key = str(response.status) if str(response.status) in op["responses"] else "default"
-        documented = resolve(op["responses"][key])
-        schema = documented["content"]["application/json"]["schema"]
-        jsonschema.Draft202012Validator(
-            {**schema, "components": document["components"]}).validate(response.json())
-        for name, header in documented.get("headers", {}).items():
-            jsonschema.validate(response.headers[name.lower()], header["schema"])
+        validate_response(document, method, template, response.status, response.headers,
+                          response.json())
     return check
 
 

@@ -110,15 +110,12 @@ class ClusterRuntime:
         self.retry: RetryPolicy | None = None
         self.request_timeout: float | None = None
         self.guarded = False
-        self._settle(spec, members)
+        self._settle(spec)
         self.health.update(backends, _flags(members), CONTROL_FLAGS)
         self._sync_pools(members)
         self._use(self.health.snapshot)
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Nothing to start: active checks run in the control plane."""
 
     def stop(self) -> None:
         """Release timers and close idle connections (the cluster is going away:
@@ -137,10 +134,10 @@ class ClusterRuntime:
         plane owns (active checks, drains).  Requests in flight on a removed backend
         finish, then its connections close; its idle ones close now."""
         members = self.members = tuple(members)
+        # (A changed snapshot reaches _use through the health's on_change.)
         self.health.update([_backend(m) for m in members], _flags(members), CONTROL_FLAGS)
         self._sync_pools(members)
-        self._settle(self.spec, members, renew_retry=False)
-        self._use(self.health.snapshot)
+        self._settle(self.spec, renew_retry=False)
 
     def reconfigure(self, spec: Cluster) -> None:
         """New settings from a reload (same name).  Caps change in place, so requests
@@ -155,17 +152,18 @@ class ClusterRuntime:
         outlier = (self.health.outlier if spec.outlier_detection == old.outlier_detection
                    else _detector(spec.outlier_detection, self._clock))
         self.failure_statuses = _failure_statuses(spec.outlier_detection)
+        snapshot = self.health.snapshot
         self.health.configure(spec.panic_threshold, outlier)
-        self._settle(spec, self.members, renew_retry=spec.retries != old.retries)
+        if self.health.snapshot is snapshot:    # (else on_change has rebuilt the picker)
+            self._use(snapshot)
+        self._settle(spec, renew_retry=spec.retries != old.retries)
         for pool in self.pools.values():
             self._pool_settings(pool)
-        self._use(self.health.snapshot)
         self._release_pending()
 
-    def _settle(self, spec: Cluster, members: Sequence[Member],
-                renew_retry: bool = True) -> None:
+    def _settle(self, spec: Cluster, renew_retry: bool = True) -> None:
         """Resolve the limits, queue, retry and deadline settings for the request path."""
-        caps = _has_limits(spec) or any(m.max_connections is not None for m in members)
+        caps = _has_limits(spec) or any(m.max_connections is not None for m in self.members)
         limits = self.limits
         if limits is not None:
             # Kept (caps lifted to None if gone): requests in flight still release slots.
