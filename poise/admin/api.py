@@ -36,8 +36,6 @@ from poise.errors import ControlError
 
 log = logging.getLogger("poise")
 
-# As ``Backend.weight`` in poise/config/model.py.
-
 Headers = list[tuple[bytes, bytes]]
 # A handler answers (status, JSON-able payload) from the ops, the decoded path
 # parameters and the request body; it raises ControlError for the client's mistakes.
