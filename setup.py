@@ -17,6 +17,7 @@ from setuptools import setup
 
 HOT_PATH = [
     "poise/proxy/deadline.py",
+    "poise/proxy/http/accounting.py",
     "poise/proxy/http/bounds.py",
     "poise/proxy/http/cluster.py",
     "poise/proxy/http/errors.py",

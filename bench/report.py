@@ -144,6 +144,26 @@ def paired_cpu_ratios(samples: list[dict], name: str = "poise",
             if name in r and r.get(ref)]
 
 
+# (label, proxy, reference, budget): the cost of each observability feature as the
+# ratio of CPU per request, round by round (issue 10's budgets; None: quoted only).
+OBSERVABILITY = (
+    ("metrics on ÷ off", "poise", "poise-nometrics", 1.05),
+    ("JSON access log to a file ÷ none", "poise+log", "poise", 1.25),
+    ("tracing every request (sample_ratio 1.0) ÷ off", "poise+trace", "poise", None),
+)
+
+
+def observability_costs(samples: list[dict]) -> list[dict]:
+    """Per-round and median CPU/request ratios of the OBSERVABILITY pairs measured."""
+    out = []
+    for label, name, ref, budget in OBSERVABILITY:
+        ratios = paired_cpu_ratios(samples, name, ref)
+        if ratios:
+            out.append({"label": label, "ratios": ratios, "median": median(ratios),
+                        "budget": budget})
+    return out
+
+
 def floor_gap(small: dict) -> dict | None:
     """poise's own logic per request (poise − httptools-relay, µs) next to what the
     CPU bar leaves for it (CPU_BAR × HAProxy − httptools-relay); None if any is missing."""
@@ -215,6 +235,13 @@ def render_markdown(result: dict) -> str:
     if overhead is not None:
         lines += [f"Health checks + outlier detection configured (poise+checks ÷ poise CPU/req): "
                   f"{overhead:.3f}× (issue 4 bar ≤ 1.05×)", ""]
+    costs = summary.get("observability") or []
+    if costs:
+        lines += ["Observability costs (CPU/req ratio, per round in the same round; median):", ""]
+        lines += [f"- {c['label']}: {', '.join(f'{r:.3f}×' for r in c['ratios'])}; median "
+                  f"{c['median']:.3f}×" + (f" (budget ≤ {c['budget']}×)" if c["budget"] else "")
+                  for c in costs]
+        lines.append("")
     shares = result.get("poise_workers")
     if shares:
         total = sum(w["requests"] for w in shares) or 1

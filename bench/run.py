@@ -39,7 +39,15 @@ REPO = BENCH_DIR.parent
 FLOORS = ("uvloop-relay", "httptools-relay")
 # poise-2w: poise with `workers: 2` (a supervisor and control plane, two worker
 # processes); its admin API says how the requests were shared between the workers.
-PROXIES = ("poise", "poise+checks", "poise-2w", "haproxy", "nginx", *FLOORS)
+# poise-nometrics, poise+log, poise+trace: poise with `metrics: {enabled: false}`, with
+# a JSON access log to a file, and with tracing every request (sample_ratio 1.0, spans
+# exported over OTLP/HTTP to a local sink): the costs of observability (issue 10).
+OBSERVED = {
+    "poise-nometrics": "metrics: {enabled: false}\n",
+    "poise+log": "access_log: {format: json, path: $root/access.log}\n",
+    "poise+trace": "tracing: {otlp_endpoint: \"http://127.0.0.1:$sink\", sample_ratio: 1.0}\n",
+}
+PROXIES = ("poise", *OBSERVED, "poise+checks", "poise-2w", "haproxy", "nginx", *FLOORS)
 STREAM_CONNECTIONS = 4
 # poise-2w's admin API listens this far above its proxy port.
 ADMIN_OFFSET = 500
@@ -102,6 +110,10 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
     if name == "poise-2w":
         return configs.poise(root, port, backends, args.poise_cmd, workers=2,
                              admin_port=port + ADMIN_OFFSET)
+    if name in OBSERVED:
+        extra = OBSERVED[name].replace("$root", str(root)).replace("$sink", str(args.sink_port))
+        return configs.poise(root, port, backends, args.poise_cmd, extra=extra,
+                             tag=name.removeprefix("poise"))
     if name.startswith("poise"):
         return configs.poise(root, port, backends, args.poise_cmd,
                              resilience=name == "poise+checks")
@@ -178,7 +190,8 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
                             else ("/big", STREAM_CONNECTIONS, False))
     for rnd in range(1, args.rounds + 1):
         for name, (svc, port) in list(running.items()):
-            if phase == "stream" and (name in ("poise+checks", "poise-2w") or name in FLOORS):
+            if phase == "stream" and (name in ("poise+checks", "poise-2w") or name in FLOORS
+                                      or name in OBSERVED):
                 continue    # per-request costs only: streaming is the same data path
             if drop_if_dead(name, svc, running, failures):
                 continue
@@ -212,6 +225,11 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
     except procs.StartError as exc:
         raise SystemExit(f"!! backend nginx failed to start, nothing to measure:\n{exc}") from None
     result["ports"] = {"backends": backends, **dict(zip(args.only, proxy_ports, strict=True))}
+    if "poise+trace" in args.only:
+        args.sink_port = procs.pick_ports(1, base=args.base_port + 50)[0]
+        start_service(stack, "otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"),
+                                           str(args.sink_port)], root, [args.sink_port],
+                      args.start_timeout)
     failures, samples = result["failures"], result["samples"]
     running = start_proxies(stack, root, proxy_ports, backends, args, failures)
     warm_up(running, args, failures)
@@ -240,6 +258,7 @@ def finish(args, result: dict) -> int:
     result["summary"] = {"small": small, "stream": report.summarize_stream(samples, args.only),
                          "cpu_verdict": report.cpu_verdict(small),
                          "paired_cpu_ratios": report.paired_cpu_ratios(samples),
+                         "observability": report.observability_costs(samples),
                          "floor_gap": report.floor_gap(small)}
     markdown = report.render_markdown(result)
     print(markdown)

@@ -9,11 +9,13 @@ Rules shared by every route:
 
 - Path segments are percent-decoded after splitting, so a backend ``[::1]:9001`` may
   be sent as ``%5B%3A%3A1%5D%3A9001``; a query string is ignored.
-- With a token set, every route but ``/healthz`` needs ``Authorization: Bearer
-  <token>`` (401 otherwise, before a path is looked up, so unauthenticated clients learn
-  nothing about paths).
+- With a token set, every route but ``/healthz`` and the dashboard's static files
+  (``public`` routes) needs ``Authorization: Bearer <token>`` (401 otherwise, before a
+  path is looked up, so unauthenticated clients learn nothing about paths).
 - ``HEAD`` is answered as ``GET`` (the server sends no body); any other method a path
   does not list is 405 with ``Allow``; an unknown path is 404.
+- Answers are JSON, but for the dashboard's static files (:mod:`poise.admin.assets`),
+  which are public: they carry no data; ``/dashboard/data`` needs the token.
 - Errors are ``{"error": "..."}``: :class:`~poise.errors.ControlError` gives its own
   status (400; 404 for an unknown cluster or backend), anything else raised while
   answering is logged and answered 500 ``{"error": "internal error"}``.
@@ -29,26 +31,31 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from poise.admin.assets import Asset, asset
 from poise.admin.openapi import DOCUMENT
 from poise.admin.ops import Operations
 from poise.config.model import MAX_WEIGHT
 from poise.errors import ControlError
+from poise.observability.exposition import CONTENT_TYPE as METRICS_TYPE
 
 log = logging.getLogger("poise")
 
 Headers = list[tuple[bytes, bytes]]
-# A handler answers (status, JSON-able payload) from the ops, the decoded path
-# parameters and the request body; it raises ControlError for the client's mistakes.
+JSON = "application/json"
+# A handler answers (status, JSON-able payload or an Asset) from the ops, the decoded
+# path parameters and the request body; it raises ControlError for the client's mistakes.
 Handler = Callable[[Operations, dict[str, str], bytes], tuple[int, Any]]
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """One answer: ``status``, headers beyond content-type/-length, and a JSON body."""
+    """One answer: ``status``, headers beyond content-type/-length, and a body of
+    ``content_type`` (JSON but for static files)."""
 
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    content_type: str = JSON
 
     def json(self) -> Any:
         """The body, decoded (for tests and the CLI)."""
@@ -127,6 +134,18 @@ def _openapi(ops: Operations, params: dict[str, str], body: bytes) -> tuple[int,
     return 200, DOCUMENT
 
 
+def _static(name: str) -> Handler:
+    return lambda ops, params, body: (200, asset(name))
+
+
+def _metrics(ops: Operations, params: dict[str, str], body: bytes) -> tuple[int, Any]:
+    return 200, Asset(METRICS_TYPE, ops.metrics_text(), ())
+
+
+def _dashboard(ops: Operations, params: dict[str, str], body: bytes) -> tuple[int, Any]:
+    return 200, ops.dashboard()
+
+
 _BACKEND = "/clusters/{name}/backends/{address}"
 
 ROUTES: list[Route] = [
@@ -140,6 +159,11 @@ ROUTES: list[Route] = [
     Route("POST", "/reload", _reload),
     Route("GET", "/workers", _workers),
     Route("GET", "/openapi.json", _openapi),
+    Route("GET", "/metrics", _metrics),
+    Route("GET", "/", _static("page"), public=True),
+    Route("GET", "/dashboard/app.js", _static("app.js"), public=True),
+    Route("GET", "/dashboard/style.css", _static("style.css"), public=True),
+    Route("GET", "/dashboard/data", _dashboard),
 ]
 
 
@@ -207,6 +231,8 @@ class AdminApi:
     def _call(self, route: Route, params: dict[str, str], body: bytes) -> Response:
         try:
             status, payload = route.handler(self.ops, params, body)
+            if isinstance(payload, Asset):
+                return Response(status, payload.headers, payload.body, payload.content_type)
             return Response(status, (), encode(payload))
         except ControlError as e:
             return error(e.status, str(e))

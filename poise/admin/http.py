@@ -27,8 +27,9 @@ A connection ends lingeringly: after its last response we send FIN and discard w
 client still sends for up to ``linger`` seconds, so that a client still sending (a body
 we refused, say) reads our answer rather than a reset.
 
-Responses are HTTP/1.1, ``content-type: application/json`` with Content-Length and
-``cache-control: no-store``; a response to HEAD has no body.  An Upgrade offer is
+Responses are HTTP/1.1 with Content-Length, of the content type the API says (JSON
+but for the dashboard's static files) and ``cache-control: no-store`` unless the API
+gives its own; a response to HEAD has no body.  An Upgrade offer is
 declined: the request is answered and the connection closed.
 """
 
@@ -261,9 +262,10 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         lines = [f"HTTP/1.1 {response.status} {_reason(response.status)}",
-                 "content-type: application/json",
-                 f"content-length: {len(response.body)}",
-                 "cache-control: no-store"]
+                 f"content-type: {response.content_type}",
+                 f"content-length: {len(response.body)}"]
+        if not any(name == "cache-control" for name, _ in response.headers):
+            lines.append("cache-control: no-store")
         lines += [f"{name}: {value}" for name, value in response.headers]
         if not keep_alive:
             lines.append("connection: close")

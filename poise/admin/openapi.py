@@ -2,7 +2,7 @@
 
 It describes exactly the routes of :data:`poise.admin.api.ROUTES` (a test holds the two
 together) and every request and response body, in the shapes of
-:mod:`poise.admin.ops`.
+:mod:`poise.admin.ops` (the dashboard's static files as text of their media type).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _text(description: str, media: str) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
 def _object(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """A closed object whose properties are all required."""
     return {"type": "object", "properties": properties, "required": list(properties),
@@ -33,6 +37,8 @@ def _object(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
 _COUNT = {"type": "integer", "minimum": 0}
 _VERSION = {"type": "integer", "minimum": 0}
 _WEIGHT = {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT}
+_RATIO = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
+_MS = {"type": ["number", "null"], "minimum": 0}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -88,6 +94,44 @@ SCHEMAS: dict[str, Any] = {
     "WorkerList": _object({"workers": {"type": "array", "items": _ref("Worker")}}),
     "OpenApi": {"type": "object", "required": ["openapi", "info", "paths"]},
 }
+
+# The dashboard's data: the clusters and backends above, each with its series.
+SCHEMAS.update({
+    "Series": _object({
+        "t": {"type": "array", "items": {"type": "number", "maximum": 0},
+              "description": "Seconds before `now`, oldest first."},
+        "rps": {"type": "array", "items": {"type": "number", "minimum": 0},
+                "description": "Requests per second over the interval before `t`."},
+        "error_rate": {"type": "array", "items": _RATIO,
+                       "description": "Errors / requests over that interval (null: none)."},
+        "p50_ms": {"type": "array", "items": _MS,
+                   "description": "Median latency over `quantile_window` (null: none)."},
+        "p99_ms": {"type": "array", "items": _MS,
+                   "description": "99th percentile latency over `quantile_window`."},
+    }, description="Columns of equal length, one entry per sample."),
+    "DashboardListener": _object({
+        "name": {"type": "string"},
+        "bind": {"type": "string"},
+        "protocol": {"type": "string"},
+        "connections": {"type": ["integer", "null"], "minimum": 0,
+                        "description": "Open client connections (null: not counted)."},
+        "series": _ref("Series"),
+    }),
+    "DashboardBackend": _object({**SCHEMAS["Backend"]["properties"], "series": _ref("Series")}),
+    "DashboardCluster": _object({**SCHEMAS["Cluster"]["properties"], "backends": {
+        "type": "array", "items": _ref("DashboardBackend")}}),
+    "Dashboard": _object({
+        "now": {"type": "number", "description": "Unix time of this answer."},
+        "span": {"type": "number", "description": "Seconds of history kept."},
+        "interval": {"type": "number", "description": "Seconds between samples."},
+        "quantile_window": {"type": "number",
+                            "description": "Seconds the latency quantiles cover."},
+        "version": {**_VERSION, "description": "The config version running."},
+        "listeners": {"type": "array", "items": _ref("DashboardListener")},
+        "clusters": {"type": "array", "items": _ref("DashboardCluster")},
+    }, description="What the dashboard shows: every listener and cluster with the "
+                   "series of the last `span` seconds."),
+})
 
 _ERROR = _ref("Error")
 RESPONSES: dict[str, Any] = {
@@ -181,6 +225,19 @@ PATHS: dict[str, Any] = {
                             _json("The workers.", _ref("WorkerList")))},
     "/openapi.json": {"get": _op("openapi", "This document.",
                                  _json("The document.", _ref("OpenApi")))},
+    "/metrics": {"get": _op("metrics", "Prometheus metrics (text format 0.0.4), summed "
+                                       "over workers.",
+                            _text("The exposition.", "text/plain"))},
+    "/": {"get": _op("dashboardPage", "The dashboard (an HTML page; its data needs the "
+                                      "token, which the page asks for).",
+                     _text("The page.", "text/html"), public=True)},
+    "/dashboard/app.js": {"get": _op("dashboardScript", "The dashboard's script.",
+                                     _text("The script.", "text/javascript"), public=True)},
+    "/dashboard/style.css": {"get": _op("dashboardStyle", "The dashboard's style sheet.",
+                                        _text("The style sheet.", "text/css"), public=True)},
+    "/dashboard/data": {"get": _op("dashboardData", "What the dashboard shows.",
+                                   _json("Listeners, clusters, backends and their series.",
+                                         _ref("Dashboard")))},
 }
 
 DOCUMENT: dict[str, Any] = {
@@ -190,8 +247,9 @@ DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": (
             "JSON over HTTP/1.1, served by poise's control plane on `admin.bind`. "
-            "With `admin.token` set, every endpoint but /healthz needs "
-            "`Authorization: Bearer <token>`. HEAD is answered as GET without a body. "
+            "With `admin.token` set, every endpoint but /healthz and the dashboard's "
+            "static files needs `Authorization: Bearer <token>`. "
+            "HEAD is answered as GET without a body. "
             "Path segments are percent-decoded; a query string is ignored. Requests are "
             "limited to a 16 KiB head, a 4 KiB target and a 64 KiB body."),
     },

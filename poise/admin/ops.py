@@ -72,3 +72,22 @@ class Operations(Protocol):
         int, "snapshot_versions": {cluster: int}, "requests": int}`` (the versions it
         has applied; requests it sent to backends, per its latest report)."""
         ...
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric
+        (docs/observability.md), counts summed over workers."""
+        ...
+
+    def dashboard(self) -> dict[str, Any]:
+        """What the dashboard shows (built by :mod:`poise.control.dashboard`)::
+
+            {"now": float (unix time), "span": float, "interval": float,
+             "quantile_window": float, "version": int (config version),
+             "listeners": [{"name": str, "bind": str, "protocol": str,
+                            "connections": int | None, "series": Series}],
+             "clusters": [<a cluster of clusters(), each backend with a "series">]}
+
+        A ``Series`` is columnar, oldest first: ``{"t": [seconds before now, <= 0],
+        "rps": [float], "error_rate": [float | None], "p50_ms": [float | None],
+        "p99_ms": [float | None]}`` (see :mod:`poise.observability.history`)."""
+        ...

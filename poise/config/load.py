@@ -30,7 +30,14 @@ def load_config(path: str | Path) -> Config:
         fmt = "toml"
     else:
         raise ConfigError([("", f"{p}: unknown config format (use .yaml, .yml or .toml)")])
-    return parse_config(text, fmt)
+    config = parse_config(text, fmt)
+    # Access log files are opened (created) now, so that a path poise cannot write is
+    # an error of `poise check` and of a reload rather than a worker's failure.
+    from poise.observability.access_log import check
+    problems = check(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def parse_config(text: str, fmt: str = "yaml") -> Config:
@@ -117,7 +124,20 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
                                f"unknown cluster {cluster!r}"))
     errors.extend(_admin_errors(data.get("admin"), binds))
+    errors.extend(_observability_errors(data))
     return errors
+
+
+def _observability_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Tracing needs its extra installed (access log files: see load_config)."""
+    if not isinstance(data.get("tracing"), dict):
+        return []
+    from poise.observability.tracing import check_available
+    try:
+        check_available()
+    except ConfigError as e:
+        return list(e.errors)
+    return []
 
 
 def _admin_errors(admin: object, binds: dict[str, str]) -> list[tuple[str, str]]:

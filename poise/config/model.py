@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from poise.config.observability import AccessLog, Metrics, Tracing
 from poise.config.units import parse_address, parse_duration, parse_size
 from poise.core.units import parse_percent
 
@@ -200,6 +201,8 @@ class Listener(Strict):
     # cancel them and free their upstream connections (nginx's default; HAProxy's
     # `option abortonclose`).  False: treat the FIN as a half-close and still answer.
     abort_on_client_close: bool = True
+    # This listener's access log (default: the top-level ``access_log``; ``false``: none).
+    access_log: AccessLog | Literal[False] | None = None
 
 
 # The largest backend weight (config, admin API).
@@ -426,3 +429,8 @@ class Config(Strict):
     clusters: list[Cluster] = Field(min_length=1)
     # None: no admin API.
     admin: Admin | None = None
+    metrics: Metrics = Metrics()
+    # None: no access log (a listener may still set its own).
+    access_log: AccessLog | None = None
+    # None: no tracing (``traceparent`` is passed through untouched).
+    tracing: Tracing | None = None

@@ -22,6 +22,7 @@ from typing import Any
 
 from poise.config.model import Config
 from poise.control.state import ClusterView
+from poise.observability.shipper import Shipper
 from poise.proxy.server import ProxyServer
 
 log = logging.getLogger("poise")
@@ -50,6 +51,7 @@ class WorkerAgent:
         self.versions: dict[str, int] = {}
         self._on_applied = on_applied
         self._queue: deque[Message] = deque()
+        self._shipper: Shipper | None = None
         self._busy = False
 
     def build(self, message: Message) -> ProxyServer:
@@ -57,6 +59,7 @@ class WorkerAgent:
         config = Config.model_validate(message["config"])
         views = _views(message)
         self.server = ProxyServer(config, self.loop, {v.name: v.members for v in views})
+        self._shipper = Shipper(self.server)
         self.config_version = int(message["config_version"])
         self.versions = {v.name: v.version for v in views}
         return self.server
@@ -77,6 +80,13 @@ class WorkerAgent:
 
     def counters(self) -> dict[str, Any]:
         return self.server.counters() if self.server is not None else {}
+
+    def metrics_report(self) -> Message:
+        """``{"deltas": [...], "gauges": [...]}`` since the last call (see
+        :mod:`poise.observability.shipper`)."""
+        if self._shipper is None:
+            return {"deltas": [], "gauges": []}
+        return {"deltas": self._shipper.deltas(), "gauges": self._shipper.gauges()}
 
     async def _drain(self) -> None:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from poise.control.agent import Message, WorkerAgent
 from poise.control.stats import StatsBook
+from poise.observability.book import MetricsBook
 
 
 class LocalFleet:
@@ -27,6 +28,10 @@ class LocalFleet:
     def stats(self) -> StatsBook:
         self._book.update(0, self.agent.counters())
         return self._book
+
+    def refresh_metrics(self, book: MetricsBook) -> None:
+        report = self.agent.metrics_report()
+        book.add(0, report["deltas"], report["gauges"])
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"slot": 0, "pid": os.getpid(), "state": "running", "restarts": 0,

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import poise
 from poise.admin.ops import ReloadResult
 from poise.checks import CheckSettings, HealthChecker
 from poise.config.load import load_config
@@ -24,11 +25,14 @@ from poise.config.model import MAX_WEIGHT, Cluster, Config, HealthCheck
 from poise.config.units import parse_address
 from poise.control.agent import Message, apply_message
 from poise.control.binding import bind_error
+from poise.control.dashboard import Dashboard
 from poise.control.report import backend_entry, cluster_entry, redacted
 from poise.control.state import ClusterState, Member, members_of
 from poise.control.stats import StatsBook
 from poise.core.backend import Backend
 from poise.errors import ConfigError, ControlError, UnknownBackend, UnknownCluster
+from poise.observability.book import MetricsBook, backend_of
+from poise.observability.exposition import BackendState, PlaneState, render
 
 log = logging.getLogger("poise")
 
@@ -43,6 +47,11 @@ class Fleet(Protocol):
 
     def stats(self) -> StatsBook:
         """The workers' latest counts (at most about a second old)."""
+        ...
+
+    def refresh_metrics(self, book: MetricsBook) -> None:
+        """Bring ``book`` up to date where that needs asking (the data plane of this
+        process); worker processes send theirs every second by themselves."""
         ...
 
     def workers(self) -> list[dict[str, Any]]: ...
@@ -68,10 +77,14 @@ class ControlPlane:
         self.checkers: dict[str, HealthChecker] = {}
         self.fleet: Fleet | None = None
         self.on_config: list[Callable[[Config], None]] = []
-        self.reloads = {"applied": 0, "unchanged": 0, "rejected": 0}
+        # Counters summed over workers (and the control plane's own), for /metrics.
+        self.metrics = MetricsBook()
+        for result in ("applied", "unchanged", "rejected"):
+            self.metrics.count(("reloads", result), 0)
         self._dirty: set[str] = set()
         self._flush: asyncio.Handle | None = None
         self._running = False
+        self.dashboard_sampler = Dashboard(self, loop)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -79,13 +92,15 @@ class ControlPlane:
         self.fleet = fleet
 
     def start(self) -> None:
-        """Start the active health checks."""
+        """Start the active health checks (and the dashboard's sampling)."""
         self._running = True
         for spec in self.config.clusters:
             self._sync_checker(spec, None)
+        self.dashboard_sampler.start()
 
     def stop(self) -> None:
         self._running = False
+        self.dashboard_sampler.stop()
         for checker in self.checkers.values():
             checker.stop()
         self.checkers.clear()
@@ -115,16 +130,16 @@ class ControlPlane:
         if problems:
             return self._rejected(problems)
         if config == self.config:
-            self.reloads["unchanged"] += 1
+            self.metrics.count(("reloads", "unchanged"))
             log.info("reload: %s is unchanged (config version %d)", self.path, self.version)
             return ReloadResult(True, self.version)
         self._apply(config)
-        self.reloads["applied"] += 1
+        self.metrics.count(("reloads", "applied"))
         log.info("reload: applied %s (config version %d)", self.path, self.version)
         return ReloadResult(True, self.version)
 
     def _rejected(self, errors: list[tuple[str, str]]) -> ReloadResult:
-        self.reloads["rejected"] += 1
+        self.metrics.count(("reloads", "rejected"))
         log.error("reload rejected, config version %d stays: %s", self.version,
                   "; ".join(f"{p}: {m}" if p else m for p, m in errors))
         return ReloadResult(False, self.version, list(errors))
@@ -175,9 +190,10 @@ class ControlPlane:
                 checker.stop()
         self.states = states
         self._dirty.clear()
+        kept = {(name, m.address) for name, s in states.items() for m in s.view.members}
+        self.metrics.forget(lambda key: (b := backend_of(key)) is None or b in kept)
         if self.fleet is not None:
-            self.fleet.stats().forget((name, m.address) for name, s in states.items()
-                                      for m in s.view.members)
+            self.fleet.stats().forget(kept)
             if config.workers != 1:
                 self.fleet.resize(config.workers)
         self._publish(self.state_message())
@@ -211,6 +227,8 @@ class ControlPlane:
     def _checked(self, cluster: str, backend: Backend, healthy: bool) -> None:
         state = self.states.get(cluster)
         if state is not None and state.set_down((backend.host, backend.port), not healthy):
+            self.metrics.count(("health_transitions", cluster, backend.address,
+                                "up" if healthy else "down"))
             self._changed(cluster)
 
     # -- publishing --------------------------------------------------------------------
@@ -266,6 +284,26 @@ class ControlPlane:
 
     def workers(self) -> list[dict[str, Any]]:
         return self.fleet.workers() if self.fleet is not None else []
+
+    def dashboard(self) -> dict[str, Any]:
+        return self.dashboard_sampler.data()
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of everything above (``exposition.CONTENT_TYPE``)."""
+        if self.fleet is not None:
+            self.fleet.refresh_metrics(self.metrics)
+        clusters = self.clusters()
+        workers = self.workers()
+        state = PlaneState(
+            backends=[BackendState(c["name"], b["address"], b["state"], b["weight"])
+                      for c in clusters for b in c["backends"]],
+            listeners=[lst.name for lst in self.config.listeners],
+            panic={c["name"]: c["panic"] for c in clusters},
+            config_version=self.version,
+            workers=sum(1 for w in workers if w["state"] == "running"),
+            worker_restarts=sum(w["restarts"] for w in workers),
+            hot_path=poise.hot_path())
+        return render(self.metrics, state)
 
     # -- helpers of the operations -------------------------------------------------------
 

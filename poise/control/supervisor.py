@@ -7,7 +7,8 @@
   the listeners with SO_REUSEPORT.
 
 Signals (to the process started): SIGTERM/SIGINT stop gracefully (workers drain up to
-``drain_timeout``), SIGHUP reloads the config file.
+``drain_timeout``), SIGHUP reloads the config file, SIGUSR1 reopens the access log
+files (logrotate).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ async def serve_here(config: Config, path: str | None,
         return 1
     plane.start()
     stop = _stop_signals(loop, plane)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_on_signal, server.access_logs.reopen)
     if on_ready is not None:
         on_ready(server)
     await stop.wait()
@@ -107,6 +109,7 @@ async def _supervise(config: Config, path: str | None) -> int:
     if admin is False:
         return 1
     stop = _stop_signals(loop, plane)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_on_signal, workers.reopen_logs)
     plane.start()
     started = loop.create_task(workers.start(config.workers))
     stopped = loop.create_task(stop.wait())
@@ -153,6 +156,11 @@ def _stop_signals(loop: asyncio.AbstractEventLoop, plane: ControlPlane) -> async
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, plane)
     return stop
+
+
+def _reopen_on_signal(reopen: Callable[[], None]) -> None:
+    log.info("SIGUSR1: reopening access log files")
+    reopen()
 
 
 def _reload_on_signal(plane: ControlPlane) -> None:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                         format=f"poise[worker {slot}] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the supervisor
     signal.signal(signal.SIGHUP, signal.SIG_IGN)      # reload is the supervisor's
+    # (Until the access logs exist to reopen: SIGUSR1 would otherwise kill us.)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     tune_malloc()
     sys.exit(uvloop.run(_serve(socket.socket(fileno=fd))))
 
@@ -81,6 +83,7 @@ async def _serve(sock: socket.socket) -> int:
     except OSError as e:
         log.error("cannot bind: %s", e.strerror or e)
         return 1
+    loop.add_signal_handler(signal.SIGUSR1, server.access_logs.reopen)   # logrotate
     send({"type": "ready", "pid": os.getpid(), **agent.status()})
     reporter = _Reporter(loop, agent, send)
     await stop.wait()
@@ -92,9 +95,13 @@ async def _serve(sock: socket.socket) -> int:
         clean = await server.shutdown(server.config.drain_timeout)
     if not clean:
         log.warning("drain timeout: some connections were closed with requests in flight")
-    send({"type": "stats", "counters": agent.counters()})     # the last counts
+    send(_stats(agent))     # the last counts
     await channel.aclose()
     return 0
+
+
+def _stats(agent: WorkerAgent) -> Message:
+    return {"type": "stats", "counters": agent.counters(), **agent.metrics_report()}
 
 
 class _Reporter:
@@ -107,7 +114,7 @@ class _Reporter:
         self._timer = loop.call_later(REPORT_INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        self._send({"type": "stats", "counters": self._agent.counters()})
+        self._send(_stats(self._agent))
         self._timer = self._loop.call_later(REPORT_INTERVAL, self._tick)
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from poise.control.agent import Message
 from poise.control.channel import Channel
 from poise.control.stats import StatsBook
+from poise.observability.book import MetricsBook
 
 if TYPE_CHECKING:
     from poise.control.plane import ControlPlane
@@ -81,6 +82,9 @@ class WorkerSet:
     def stats(self) -> StatsBook:
         return self.book
 
+    def refresh_metrics(self, book: MetricsBook) -> None:
+        """Nothing to ask: workers report every second."""
+
     def workers(self) -> list[dict[str, Any]]:
         return [{**w.describe(), "requests": self.book.requests_of(w.pid)}
                 for _, w in sorted(self.slots.items())]
@@ -123,6 +127,11 @@ class WorkerSet:
         except TimeoutError:
             log.error("workers did not become ready within %gs", START_TIMEOUT)
             return False
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): every worker reopens its access log files."""
+        for worker in self.slots.values():
+            _signal(worker, signal.SIGUSR1)
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM every worker (each drains up to drain_timeout) and wait for them;
@@ -172,6 +181,8 @@ class WorkerSet:
         kind = message.get("type")
         if kind == "stats":
             self.book.update(worker.pid, message.get("counters") or {})
+            self.plane.metrics.add(worker.pid, message.get("deltas") or (),
+                                   message.get("gauges"))
         elif kind == "applied":
             worker.status = {"config_version": message.get("config_version", 0),
                              "snapshot_versions": message.get("snapshot_versions", {})}
@@ -189,6 +200,7 @@ class WorkerSet:
         if worker.channel is not None:
             worker.channel.close()
         self.book.retire(worker.pid)
+        self.plane.metrics.retire(worker.pid)
         if self.stopping or self.slots.get(worker.slot) is not worker:
             return                      # stopping, or removed by a resize
         lived = time.monotonic() - worker.started_at
@@ -222,9 +234,13 @@ def _kill(worker: Worker) -> None:
 
 
 def _terminate(worker: Worker) -> None:
+    _signal(worker, signal.SIGTERM)
+
+
+def _signal(worker: Worker, sig: int) -> None:
     if worker.process is not None and worker.process.returncode is None:
         try:
-            worker.process.send_signal(signal.SIGTERM)
+            worker.process.send_signal(sig)
         except ProcessLookupError:
             pass
 

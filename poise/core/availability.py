@@ -81,6 +81,8 @@ class ClusterHealth:
         self._flags: dict[_Key, HealthFlag] = {_key(b): _NONE for b in members}
         self._since: dict[_Key, float] = {}
         self._all_down = False
+        # Outlier ejections so far, by backend address (for metrics).
+        self.ejections: dict[str, int] = {}
         unready, self.panic = self._decide(members)
         self._unready = unready
         self.snapshot = ClusterSnapshot.build(name, members, unready=unready,
@@ -103,6 +105,7 @@ class ClusterHealth:
             return
         if self._outlier.report(key, outcome, len(self.snapshot.backends)):
             log.info("cluster %s: backend %s ejected as an outlier", self.name, backend.address)
+            self.ejections[backend.address] = self.ejections.get(backend.address, 0) + 1
             if self._change(key, HealthFlag.OUTLIER_EJECTED, True):
                 self._refresh()
 

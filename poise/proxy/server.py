@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from poise.config.model import Config, Listener
 from poise.config.units import parse_address
 from poise.control.state import Member
+from poise.observability.access_log import AccessLogger, AccessLogs
+from poise.observability.tracing import Tracer
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 
@@ -36,8 +38,12 @@ class ProxyServer:
         members = members or {}
         self.clusters = {c.name: ClusterRuntime(c, loop, members.get(c.name))
                          for c in config.clusters}
+        self.access_logs = AccessLogs(loop)
+        self.access_logs.configure(config)
+        self.tracer: Tracer | None = Tracer(config.tracing) if config.tracing else None
         self.sites: dict[tuple[str, int], Site] = {
-            bind_key(spec.bind): Site(spec, self.clusters, loop) for spec in config.listeners}
+            bind_key(spec.bind): Site(spec, self.clusters, loop, *self._observers(spec))
+            for spec in config.listeners}
         self.servers: dict[tuple[str, int], asyncio.Server] = {}
         # Sites of removed listeners whose connections are still finishing.
         self.retiring: list[Site] = []
@@ -58,6 +64,12 @@ class ProxyServer:
         self.servers[key] = await self.loop.create_server(
             lambda: ClientConnection(site), host, port,
             reuse_port=self._reuse_port, backlog=4096)
+
+    def _observers(self, spec: Listener) -> tuple[bool, AccessLogger | None, Tracer | None]:
+        """What a listener's requests are seen by: counting (metrics), its access log
+        and the tracer (Site's ``counting``, ``access_log`` and ``tracer``)."""
+        return (self.config.metrics.enabled, self.access_logs.for_listener(spec.name),
+                self.tracer)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -84,6 +96,8 @@ class ProxyServer:
         next response; closed after ``drain_timeout`` at the latest).  Returns the
         problems met (a new listener that could not be bound), already logged."""
         members = members or {}
+        # First what may fail (a log file that cannot be opened): then nothing changed.
+        self.access_logs.configure(config)
         old_clusters = self.clusters
         clusters: dict[str, ClusterRuntime] = {}
         for spec in config.clusters:
@@ -94,7 +108,10 @@ class ProxyServer:
                 runtime.reconfigure(spec)
             clusters[spec.name] = runtime
         self.clusters = clusters
+        old_config = self.config
         self.config = config
+        if config.tracing != old_config.tracing:
+            self._replace_tracer(Tracer(config.tracing) if config.tracing else None)
         problems = await self._apply_listeners(config)
         for name, runtime in old_clusters.items():
             if name not in clusters:
@@ -107,9 +124,9 @@ class ProxyServer:
         for key, spec in wanted.items():
             site = self.sites.get(key)
             if site is not None:
-                site.configure(spec, self.clusters)
+                site.configure(spec, self.clusters, *self._observers(spec))
                 continue
-            self.sites[key] = Site(spec, self.clusters, self.loop)
+            self.sites[key] = Site(spec, self.clusters, self.loop, *self._observers(spec))
             try:
                 await self._bind(spec)
             except OSError as e:
@@ -120,6 +137,13 @@ class ProxyServer:
         for key in [k for k in self.sites if k not in wanted]:
             self._retire(key, config.drain_timeout)
         return problems
+
+    def _replace_tracer(self, tracer: Tracer | None) -> None:
+        """Trace with ``tracer`` from now on; the old one flushes what it has, off the
+        event loop (requests it traces that end later lose their spans)."""
+        old, self.tracer = self.tracer, tracer
+        if old is not None:
+            self.loop.run_in_executor(None, old.shutdown)
 
     def _retire(self, key: tuple[str, int], grace: float) -> None:
         site = self.sites.pop(key)
@@ -197,4 +221,7 @@ class ProxyServer:
             self._sweeper.cancel()
         for cluster in self.clusters.values():
             cluster.stop()
+        await self.access_logs.close()
+        if self.tracer is not None:
+            await self.loop.run_in_executor(None, self.tracer.shutdown)
         return clean

@@ -94,3 +94,21 @@ class FakeOps:
     def workers(self) -> list[dict[str, Any]]:
         self._enter("workers")
         return copy.deepcopy(WORKERS)
+
+    def metrics_text(self) -> bytes:
+        self._enter("metrics")
+        return b"# HELP poise_workers Worker processes running.\n# TYPE poise_workers gauge\n" \
+               b"poise_workers 2.0\n"
+
+    def dashboard(self) -> dict[str, Any]:
+        self._enter("dashboard")
+        series = {"t": [-1.0, 0.0], "rps": [10.0, 0.0], "error_rate": [0.1, None],
+                  "p50_ms": [1.5, None], "p99_ms": [9.0, None]}
+        clusters = copy.deepcopy(self.data)
+        for c in clusters:
+            for b in c["backends"]:
+                b["series"] = series
+        return {"now": 1700000000.0, "span": 300.0, "interval": 1.0,
+                "quantile_window": 5.0, "version": 2, "clusters": clusters,
+                "listeners": [{"name": "web", "bind": "127.0.0.1:8080", "protocol": "http",
+                               "connections": None, "series": series}]}

@@ -528,3 +528,18 @@ def test_first_route_order_is_kept():
 
 def test_parse_result_type():
     assert isinstance(parse_config(MINIMAL_YAML), Config)
+
+
+def test_an_access_log_poise_cannot_open_is_a_config_error(tmp_path):
+    base = ("listeners: [{name: web, bind: '127.0.0.1:8080', routes: [{cluster: app}]}]\n"
+            "clusters: [{name: app, backends: [{address: '127.0.0.1:9001'}]}]\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(base + f"access_log: {{path: {tmp_path}/missing/access.log}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert [path for path, _ in e.value.errors] == ["access_log.path"]
+    assert "does not exist" in e.value.errors[0][1]
+    good = tmp_path / "good.yaml"
+    good.write_text(base + f"access_log: {{path: {tmp_path}/access.log}}\n")
+    assert load_config(good).access_log.path == f"{tmp_path}/access.log"
+    assert (tmp_path / "access.log").exists()       # opened (created) by the check

@@ -21,13 +21,15 @@ def resolve(document: dict, obj: dict) -> dict:
 
 def validate_response(document: dict, method: str, template: str, status: int,
                       headers: Mapping[str, str], body: Any) -> str:
-    """Validate a response (``headers`` by lower-case name, ``body`` its JSON) against
-    what ``document`` says of ``method template`` for ``status`` (or its default);
-    returns the key of the documented response used."""
+    """Validate a response (``headers`` by lower-case name, ``body`` its JSON, or its
+    text when its content-type is not JSON) against what ``document`` says of ``method
+    template`` for ``status`` (or its default); returns the key of the documented
+    response used."""
     op = document["paths"][template][method.lower()]
     key = str(status) if str(status) in op["responses"] else "default"
     documented = resolve(document, op["responses"][key])
-    schema = documented["content"]["application/json"]["schema"]
+    media = headers.get("content-type", "application/json").partition(";")[0].strip()
+    schema = documented["content"][media]["schema"]
     # The schema's $refs resolve against the document's components.
     jsonschema.Draft202012Validator(
         {**schema, "components": document["components"]}).validate(body)

@@ -75,7 +75,7 @@ class ClusterRuntime:
                  "needs_context", "observe", "set_cookie", "load_changed", "health",
                  "limits", "pending", "queue_timeout", "retry", "request_timeout",
                  "failure_statuses", "rng", "_release_timer", "_release_at", "guarded",
-                 "_clock", "_retired", "members")
+                 "_clock", "_retired", "members", "retries")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop,
                  members: Sequence[Member] | None = None) -> None:
@@ -99,6 +99,8 @@ class ClusterRuntime:
         # Requests waiting for a connection while a connection limit is reached.
         self.pending: deque[Any] = deque()     # of Exchange
         self.rng = random.Random()
+        # Retries sent (per the retries policy), for metrics.
+        self.retries = 0
         self.pools: dict[Backend, UpstreamPool] = {}
         # Keyed by identity: the picker returns this cluster's own Backend objects,
         # and id() skips hashing a dataclass on every request.

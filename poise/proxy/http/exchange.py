@@ -10,12 +10,14 @@ side are collected in a list and written once per read (``flush_upstream`` /
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
 from poise.errors import NoRoute, Overloaded, PoiseError, UpstreamProtocolError, UpstreamTimeout
+from poise.proxy.http.accounting import NO_RESPONSE, failure_kind
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
@@ -59,7 +61,8 @@ class Exchange(RequestHead):
         "_replay_size", "_replay_limit", "_retried", "response_started", "response_head_sent",
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
-        "connecting",
+        "connecting", "began", "status", "bytes_sent", "attempts", "_try_began", "route_name",
+        "trace", "ended",
     )
     # Set once routed and picked (start): unset until then.
     cluster: ClusterRuntime
@@ -108,6 +111,18 @@ class Exchange(RequestHead):
         self._deadline_at: float | None = None
         self._timer = None      # an asyncio.TimerHandle
         self.connecting = False     # a connection is being opened for it
+        # For metrics, the access log and tracing (poise.proxy.http.accounting): when
+        # the request began, the status sent (0: none yet), response bytes written,
+        # tries, when the current try began (0: not timed), the cluster routed to
+        # ("" none; None: not started) and the request's trace (None: not traced).
+        self.began = monotonic()
+        self.status = 0
+        self.bytes_sent = 0
+        self.attempts = 0
+        self._try_began = 0.0
+        self.route_name: str | None = None
+        self.trace: Any = None
+        self.ended = 0.0        # when the response ended (0: read the clock when needed)
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -125,8 +140,13 @@ class Exchange(RequestHead):
 
     def start(self) -> None:
         """Route, admit (cluster limits), pick a backend, then send."""
+        site = self.client.site
+        self.route_name = ""
+        if site.tracer is not None:
+            self._start_trace(site.tracer)
         try:
-            cluster = self.cluster = self.client.site.router.catch_all or self._route()
+            cluster = self.cluster = site.router.catch_all or self._route()
+            self.route_name = cluster.name
             if cluster.guarded:
                 admit(self, cluster)
             pool = self.pool = cluster.choose(self)
@@ -155,9 +175,38 @@ class Exchange(RequestHead):
             conn = pool.take_idle()
         if conn is not None:
             conn.reused = True
+            self.begin_try()
             self._attach(conn)
         elif cluster.limits is None or may_connect(self):
+            self.begin_try()
             open_connection(self)
+
+    def begin_try(self) -> None:
+        """A try on ``self.pool`` begins: a connection is attached or being opened for
+        it (counted and timed for metrics; not while it waits in the queue)."""
+        self.attempts += 1
+        if self.client.site.counting:
+            self._try_began = monotonic()
+
+    def end_try(self, code: int, error: PoiseError | None = None, now: float = 0.0) -> None:
+        """The current try ended (at ``now``; default: the clock now) with the response
+        status ``code`` (NO_RESPONSE: it failed with ``error``); counted once, however
+        many ends are reported."""
+        began = self._try_began
+        if began > 0.0:
+            self._try_began = 0.0
+            self.pool.tries.observe(code, (now or monotonic()) - began)
+        if self.trace is not None:
+            self.trace.end_try(code or None, None if error is None else failure_kind(error))
+
+    def _start_trace(self, tracer: Any) -> None:
+        """Continue the client's trace context (W3C traceparent/tracestate), or start
+        one; the context is re-sent to the backend per try (``_request_head``)."""
+        traceparent, tracestate = self.take_trace_context()
+        client = self.client
+        self.trace = tracer.start(traceparent, tracestate, self.method, self.target,
+                                  self.host, client.peer_ip, client.site.name,
+                                  version="1.1" if self.http11 else "1.0")
 
     def _route(self) -> ClusterRuntime:
         path = self.target.split(b"?", 1)[0]
@@ -211,13 +260,16 @@ class Exchange(RequestHead):
     def _request_head(self) -> bytes:
         client = self.client
         host = self.host
-        if client.forwarded and self.xff is None and host is not None and not self.chunked:
+        if client.forwarded and self.xff is None and host is not None and not self.chunked \
+                and self.trace is None:
             # The common case in one C call: X-Forwarded-For/-Proto are per connection.
             return b"%b %b HTTP/1.1\r\n%bx-forwarded-host: %b\r\n%b\r\n" % (
                 self.method, self.target, b"".join(self.fields), host, client.forwarded)
         site = client.site
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         parts += self.fields
+        if self.trace is not None:
+            parts.append(self.trace.try_headers(self.pool.backend.address, self.attempts + 1))
         if self.host is None:
             parts.append(b"host: " + self.pool.backend.address.encode() + CRLF)
         if site.forwarded_headers:
@@ -305,8 +357,10 @@ class Exchange(RequestHead):
                 cluster.report(self.pool, Outcome.SUCCESS)
         if cluster.retry is not None and status in cluster.retry.statuses \
                 and may_retry(self, "on_status"):
+            self.end_try(status)
             drop_response(self)
             return
+        self.status = status
         if cluster.set_cookie is not None:
             cookie = cluster.set_cookie(self._ctx, self.pool.backend)
             if cookie:
@@ -334,7 +388,9 @@ class Exchange(RequestHead):
         if out:
             client = self.client
             if not client.closed:
-                client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
+                client.transport.write(data)
+                self.bytes_sent += len(data)
                 self._wrote_client = True
             out.clear()
 
@@ -347,10 +403,17 @@ class Exchange(RequestHead):
             out.append(LAST_CHUNK)
         client = self.client
         if out and not client.closed:
-            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            client.transport.write(data)
+            self.bytes_sent += len(data)
             self._wrote_client = True
         self.conn = None
         self.finished = True
+        if self.client.site.counting:
+            self.ended = monotonic()        # (one clock read for both ends)
+            self.end_try(self.status, None, self.ended)
+        else:
+            self.end_try(self.status)
         end_exchange(self)
         if self.request_complete and conn.usable:
             self.pool.release(conn)
@@ -367,7 +430,8 @@ class Exchange(RequestHead):
         self.keep_alive = not close
         extra = b"x-poise-limit: %s\r\n" % error.limit.encode() \
             if isinstance(error, Overloaded) else b""
-        self._out.append(error_response(status_of(error), close, self.head_only, extra))
+        self.status = status_of(error)
+        self._out.append(error_response(self.status, close, self.head_only, extra))
         self.response_head_sent = True
         self.flush_client()
         self._finish()
@@ -396,6 +460,8 @@ class Exchange(RequestHead):
                 and self._replay is not None and not self.finished):
             self._retried = True
             self.conn = None
+            if self.trace is not None:
+                self.trace.end_try(None, "stale_connection")
             # Everything sent so far, again: the head, then the body bytes seen (some
             # may still wait in _up_out, which follows them).
             self._up_out[:0] = [self._request_head(), *self._replay]
@@ -407,6 +473,9 @@ class Exchange(RequestHead):
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
         cluster = self.cluster
         self.pool.errors += 1
+        if isinstance(error, UpstreamTimeout):
+            self.pool.tries.timeouts += 1
+        self.end_try(NO_RESPONSE, error)
         if not self.response_head_sent and cluster is not None:
             if cluster.observe is not None:
                 self._observe(False)
@@ -434,6 +503,7 @@ class Exchange(RequestHead):
         if self.finished:
             return
         self.finished = True
+        self._try_began = 0.0       # (not the backend's failure: not counted as a try)
         end_exchange(self)
         conn = self.conn
         if conn is not None:

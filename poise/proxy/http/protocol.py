@@ -29,6 +29,7 @@ from poise.errors import (
     VersionNotSupported,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.http.accounting import answer_counted
 from poise.proxy.http.bounds import ChunkScanner, MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
@@ -94,6 +95,7 @@ class ClientConnection:
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.site.connections.add(self)
+        self.site.accepted += 1
         self.deadline.set(self.site.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -121,6 +123,7 @@ class ClientConnection:
     def data_received(self, data: bytes) -> None:
         if self.closed or self._failed is not None:
             return
+        self.site.bytes_in += len(data)
         bounds = self._bounds
         if bounds.head_buf is None:     # (MessageBounds.read, inlined)
             bounds.buf = data
@@ -304,7 +307,7 @@ class ClientConnection:
             nxt.start()
             nxt.flush_upstream()
         elif self._failed is not None:
-            self._answer_and_close(self._failed)
+            self._answer_and_close(self._failed, None)
         elif self.draining:
             self._close()
         else:
@@ -332,19 +335,31 @@ class ClientConnection:
             broken.abandon()
         cur = self.current
         if cur is None:
-            self._answer_and_close(error)
+            self._answer_and_close(error, broken)
         elif cur is broken:
             cur.keep_alive = False
             if cur.response_head_sent:
                 cur.abandon()
                 self.abort()
             else:
+                # Answered here, not by the exchange: counted here, not as abandoned.
+                cur.route_name = None
                 cur.abandon()
                 self.current = None
-                self._answer_and_close(error)
+                self._answer_and_close(error, cur)
 
-    def _answer_and_close(self, error: PoiseError) -> None:
-        self._write(error_response(status_of(error), close=True))
+    def _answer_and_close(self, error: PoiseError, ex: Exchange | None) -> None:
+        """Answer ``error`` (the request ``ex``'s, when it got that far), then close."""
+        if self.closed:
+            return
+        status = status_of(error)
+        data = error_response(status, close=True)
+        self._write(data)
+        if ex is None:
+            answer_counted(self.site, status, len(data), 0.0, self.peer_ip, b"", b"", True)
+        else:
+            answer_counted(self.site, status, len(data), ex.began, self.peer_ip,
+                           getattr(ex, "method", b""), self._url, self._bounds.http11)
         self._linger()
 
     def _linger(self) -> None:

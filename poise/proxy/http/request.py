@@ -91,6 +91,30 @@ class RequestHead:
         f = self.fields
         return [(f[i], f[i + 2]) for i in range(0, len(f), 4)]
 
+    def take_trace_context(self) -> tuple[bytes | None, bytes | None]:
+        """Remove ``traceparent`` and ``tracestate`` from the forwardable fields and
+        return their values (the last traceparent, the tracestate lines joined; None
+        when absent).  Only for traced
+        listeners: poise sends its own per try."""
+        f = self.fields
+        traceparent: bytes | None = None
+        tracestate: bytes | None = None
+        kept: list[bytes] = []
+        for i in range(0, len(f), 4):
+            name = f[i]
+            if name[:5].lower() == b"trace":
+                low = name.lower()
+                if low == b"traceparent":
+                    traceparent = f[i + 2]
+                    continue
+                if low == b"tracestate":    # (several are one list, in order)
+                    value = f[i + 2]
+                    tracestate = value if tracestate is None else tracestate + b"," + value
+                    continue
+            kept += f[i:i + 4]
+        self.fields = kept
+        return traceparent, tracestate
+
     def set_host(self, host: bytes) -> None:
         """Replace Host (absolute-form request targets carry their own authority)."""
         f = self.fields

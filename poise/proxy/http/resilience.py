@@ -16,6 +16,7 @@ from poise.core.outlier import Outcome
 from poise.core.retry import backoff
 from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
 from poise.proxy.deadline import SLACK
+from poise.proxy.http.accounting import NO_RESPONSE, exchange_over
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -89,6 +90,8 @@ async def _connect_failing_over(ex: Exchange,
                 return
             tried.append(pool)
             pool.errors += 1
+            pool.tries.connect_errors += 1
+            ex.end_try(NO_RESPONSE, e)
             if cluster.observe is not None:
                 ex._observe(False)
             if cluster.failure_statuses is not None:
@@ -106,7 +109,11 @@ async def _connect_failing_over(ex: Exchange,
                 return
             pool.stats.in_flight -= 1
             nxt.stats.in_flight += 1
+            nxt.requests += 1
             ex.pool = nxt
+            if ex.trace is not None:    # nothing was sent: the head names the new try
+                ex._up_out[0] = ex._request_head()
+            ex.begin_try()
             connecting = nxt.connect(_connect_timeout(ex))
             if ex.cluster.load_changed is not None:
                 ex.cluster.load_changed(pool.backend)
@@ -149,6 +156,7 @@ def may_connect(ex: Exchange) -> bool:
 def resume_from_queue(ex: Exchange, conn: UpstreamConnection | None) -> None:
     """Our turn: use ``conn`` (released by a finished request), or connect."""
     _leave_queue(ex)
+    ex.begin_try()
     if conn is not None:
         conn.reused = True
         ex._attach(conn)
@@ -266,6 +274,7 @@ def retry_request(ex: Exchange, error: PoiseError) -> None:
     retry = cluster.retry
     assert retry is not None        # (may_retry said yes)
     failed = ex.pool
+    cluster.retries += 1
     ex._uncount()
     tried = ex._tried = [*(ex._tried or ()), failed]
     nxt = cluster.fallback(ex, tried) or failed
@@ -297,7 +306,8 @@ def _resend(ex: Exchange, pool: UpstreamPool, error: PoiseError) -> None:
 
 
 def end_exchange(ex: Exchange) -> None:
-    """The exchange is over: nothing counts as in flight or held any more."""
+    """The exchange is over: nothing counts as in flight or held any more; it is
+    counted, logged and its trace ended (``accounting.exchange_over``)."""
     if ex._counted:       # (_uncount, inlined: this runs for every request)
         ex._counted = False
         ex.pool.stats.in_flight -= 1
@@ -316,3 +326,4 @@ def end_exchange(ex: Exchange) -> None:
     elif ex._timer is not None:
         ex._timer.cancel()
         ex._timer = None
+    exchange_over(ex)

@@ -5,8 +5,10 @@ reads attributes."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from poise.config.model import Listener
+from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
 from poise.proxy.http.router import Router
 
@@ -21,14 +23,32 @@ class Site:
     connection (kept-alive ones included) sees."""
 
     def __init__(self, spec: Listener, clusters: dict[str, ClusterRuntime],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, counting: bool = True,
+                 access_log: Any = None, tracer: Any = None) -> None:
         self.loop = loop
         self.connections: set = set()
-        self.configure(spec, clusters)
+        # Counters since the listener was bound (poise.proxy.http.accounting): per
+        # cluster name the responses sent, and connections accepted, bytes in and out.
+        self.served: dict[str, Counts] = {}
+        # The cluster name counted last and its counts (a lookup saved per request).
+        self.last_route: str | None = None
+        self.last_served = Counts()
+        self.accepted = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.configure(spec, clusters, counting, access_log, tracer)
 
-    def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime]) -> None:
-        """Take ``spec``'s settings and routes (to the runtimes in ``clusters``)."""
+    def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime],
+                  counting: bool = True, access_log: Any = None, tracer: Any = None) -> None:
+        """Take ``spec``'s settings and routes (to the runtimes in ``clusters``).
+
+        ``counting``: count each response by status and latency (``metrics.enabled``);
+        ``access_log``: an :class:`~poise.observability.access_log.AccessLogger` or None;
+        ``tracer``: a :class:`~poise.observability.tracing.Tracer` or None."""
         self.name = spec.name
+        self.counting = counting
+        self.access_log = access_log
+        self.tracer = tracer
         self.router = Router(spec.routes, clusters)
         self.header_timeout = spec.client_header_timeout
         self.idle_timeout = spec.client_idle_timeout

@@ -26,6 +26,7 @@ from poise.errors import (
     UpstreamTimeout,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.http.accounting import Tries
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class UpstreamPool:
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors")
+                 "failing", "requests", "errors", "tries")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -72,6 +73,8 @@ class UpstreamPool:
         # in BackendStats: a native attribute costs the request path next to nothing.
         self.requests = 0
         self.errors = 0
+        # Tries by outcome and latency, for metrics (poise.proxy.http.accounting).
+        self.tries = Tries()
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""

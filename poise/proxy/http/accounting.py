@@ -1,0 +1,179 @@
+"""What the request path counts for metrics, and hands to the access log and tracing.
+
+Counters are plain integers on the objects the request path already holds (a
+listener's :class:`~poise.proxy.http.site.Site`, a backend's pool): no locks, no
+labels, no Prometheus calls.  The worker reports their totals every second
+(:mod:`poise.observability.shipper`) and the control plane renders the exposition.
+
+With ``metrics: {enabled: false}`` the per-request status codes and latency
+histograms are skipped; connection and byte counts stay (they cost an addition per
+read or write).
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING, Final
+
+from poise.errors import (
+    PoiseError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from poise.observability.buckets import BOUNDS, SIZE
+
+if TYPE_CHECKING:
+    from poise.proxy.http.exchange import Exchange
+    from poise.proxy.http.site import Site
+
+# The ``code`` of an upstream try that ended without a response (reset, timeout,
+# connect failure, malformed response): "error" in the exposition.
+NO_RESPONSE = 0
+# A request whose client went away before poise sent any response (nginx's 499).
+CLIENT_GONE = 499
+_REFERER = b"referer"
+_USER_AGENT = b"user-agent"
+# (A list, not the tuple: mypyc iterates a list natively.)
+_BOUNDS: Final[list[float]] = list(BOUNDS)
+
+
+class Counts:
+    """Observations by status code and by latency bucket (seconds summed too).
+
+    Most traffic repeats one status, so the latest one is counted in native integers
+    (``code``, ``code_count``) and folded into ``codes`` only when another status
+    comes; readers take both (:meth:`by_code`).  Latency buckets: see
+    :mod:`poise.observability.buckets`."""
+
+    __slots__ = ("codes", "code", "code_count", "buckets", "total")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.code = -1
+        self.code_count = 0
+        self.buckets: list[int] = [0] * SIZE
+        self.total = 0.0
+
+    def observe(self, code: int, seconds: float) -> None:
+        if code == self.code:
+            self.code_count += 1
+        else:
+            self._switch(code)
+        i = 0
+        for bound in _BOUNDS:       # (cheaper than bisect for a short list of floats)
+            if seconds <= bound:
+                break
+            i += 1
+        self.buckets[i] += 1
+        self.total += seconds
+
+    def _switch(self, code: int) -> None:
+        if self.code_count:
+            codes = self.codes
+            codes[self.code] = codes.get(self.code, 0) + self.code_count
+        self.code = code
+        self.code_count = 1
+
+    def by_code(self) -> dict[int, int]:
+        """Every count so far, by status code."""
+        out = dict(self.codes)
+        if self.code_count:
+            out[self.code] = out.get(self.code, 0) + self.code_count
+        return out
+
+
+class Tries(Counts):
+    """One backend's upstream tries: by status (``NO_RESPONSE`` for failures), their
+    latency (from the try being committed to the backend to its response's end or its
+    failure), and the failures that have their own counter."""
+
+    __slots__ = ("connect_errors", "timeouts")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connect_errors = 0
+        self.timeouts = 0
+
+
+def count_response(site: Site, cluster: str, status: int, began: float,
+                   now: float = 0.0) -> None:
+    """One response ``site`` sent for ``cluster`` (``""``: no route matched) at
+    ``now`` (default: the clock now) for a request that began at ``began``."""
+    if now == 0.0:
+        now = monotonic()
+    if cluster is site.last_route:      # (the same cluster's str object as last time)
+        served = site.last_served
+    else:
+        found = site.served.get(cluster)
+        if found is None:
+            found = site.served[cluster] = Counts()
+        served = site.last_served = found
+        site.last_route = cluster
+    served.observe(status, now - began if began > 0.0 else 0.0)
+
+
+def exchange_over(ex: Exchange) -> None:
+    """``ex`` is over (its response sent, failed or abandoned): count it, log it and
+    end its trace.  Requests that never started (a parse error, a pipelined request
+    the client did not wait for) are counted where their answer is written."""
+    route = ex.route_name
+    if route is None:
+        return
+    site = ex.client.site
+    site.bytes_out += ex.bytes_sent
+    status = ex.status or CLIENT_GONE
+    if site.counting:
+        count_response(site, route, status, ex.began, ex.ended)
+    log = site.access_log
+    if log is not None:
+        referer, agent = _browser_fields(ex.fields)
+        trace = ex.trace
+        log.log(ex.client.peer_ip, ex.method, ex.target, ex.http11, status, ex.bytes_sent,
+                (ex.ended or monotonic()) - ex.began, route,
+                ex.pool.backend.address if ex.attempts else None, ex.attempts,
+                trace.trace_id if trace is not None else None, referer, agent)
+    if ex.trace is not None:
+        ex.trace.finish(status, route, ex.pool.backend.address if ex.attempts else None)
+
+
+def answer_counted(site: Site, status: int, written: int, began: float, peer_ip: bytes,
+                   method: bytes, target: bytes, http11: bool) -> None:
+    """An error answer written outside an exchange (a request poise could not parse
+    or frame, a head that timed out): counted for no cluster, and logged."""
+    site.bytes_out += written
+    if site.counting:
+        count_response(site, "", status, began)
+    log = site.access_log
+    if log is not None:
+        log.log(peer_ip, method, target, http11, status, written,
+                monotonic() - began if began > 0.0 else 0.0, "", None, 0, None, None, None)
+
+
+def failure_kind(error: PoiseError) -> str:
+    """A try's failure as a short word (a trace's ``error.type``)."""
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    if isinstance(error, UpstreamReset):
+        return "reset"
+    if isinstance(error, UpstreamProtocolError):
+        return "bad_response"
+    return type(error).__name__
+
+
+def _browser_fields(fields: list[bytes]) -> tuple[bytes | None, bytes | None]:
+    """Referer and User-Agent from a request's flat header fields (access log only)."""
+    referer: bytes | None = None
+    agent: bytes | None = None
+    for i in range(0, len(fields), 4):
+        name = fields[i]
+        if len(name) == 7 or len(name) == 10:
+            low = name.lower()
+            if low == _REFERER:
+                referer = fields[i + 2]
+            elif low == _USER_AGENT:
+                agent = fields[i + 2]
+    return referer, agent
