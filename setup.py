@@ -16,6 +16,7 @@ import os
 from setuptools import setup
 
 HOT_PATH = [
+    "poise/observability/access_format.py",
     "poise/proxy/deadline.py",
     "poise/proxy/http/accounting.py",
     "poise/proxy/http/bounds.py",

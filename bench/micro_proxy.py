@@ -7,17 +7,21 @@ the interpreter work poise adds on top of the syscalls (which `make bench` cover
     .venv/bin/python bench/micro_proxy.py [iterations] [--resilience]
 
 ``--resilience`` adds an (unstarted) health check and outlier detection to the cluster:
-the per-request cost of having them configured.
+the per-request cost of having them configured.  ``--no-metrics`` turns per-request
+counting off (``metrics: {enabled: false}``); ``--access-log`` writes a JSON access log
+to a temporary file (through its writer thread, as poise does).
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import uvloop
 
 from poise.config.load import parse_config
+from poise.observability.access_log import AccessLogs
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 from poise.proxy.http.upstream import UpstreamConnection
@@ -59,15 +63,20 @@ class MemoryTransport:
     def abort(self) -> None: ...
 
 
-def main(iterations: int, resilience: bool = False) -> None:
+def main(iterations: int, resilience: bool = False, counting: bool = True,
+         access_log: bool = False) -> None:
     loop = uvloop.new_event_loop()
     text = CONFIG
     if resilience:
         text = CONFIG.replace("clusters: [{name: app,", "clusters: [{name: app, "
                               + RESILIENCE.strip().replace("\n    ", ", ") + ",")
+    if access_log:
+        text += f"access_log: {{format: json, path: {tempfile.mkdtemp()}/access.log}}\n"
     config = parse_config(text)
     clusters = {c.name: ClusterRuntime(c, loop) for c in config.clusters}
-    site = Site(config.listeners[0], clusters, loop)
+    logs = AccessLogs(loop)
+    logs.configure(config)
+    site = Site(config.listeners[0], clusters, loop, counting, logs.for_listener("web"))
     upstreams = {}
     for backend, pool in clusters["app"].pools.items():
         conn = UpstreamConnection(pool)
@@ -98,4 +107,5 @@ def main(iterations: int, resilience: bool = False) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(int(args[0]) if args else 200_000, "--resilience" in sys.argv)
+    main(int(args[0]) if args else 200_000, "--resilience" in sys.argv,
+         "--no-metrics" not in sys.argv, "--access-log" in sys.argv)

@@ -111,7 +111,8 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
         return configs.poise(root, port, backends, args.poise_cmd, workers=2,
                              admin_port=port + ADMIN_OFFSET)
     if name in OBSERVED:
-        extra = OBSERVED[name].replace("$root", str(root)).replace("$sink", str(args.sink_port))
+        extra = OBSERVED[name].replace("$root", str(root)).replace(
+            "$sink", str(getattr(args, "sink_port", 0)))
         return configs.poise(root, port, backends, args.poise_cmd, extra=extra,
                              tag=name.removeprefix("poise"))
     if name.startswith("poise"):
@@ -189,7 +190,10 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
     path, conns, latency = (("/", args.connections, True) if phase == "small"
                             else ("/big", STREAM_CONNECTIONS, False))
     for rnd in range(1, args.rounds + 1):
-        for name, (svc, port) in list(running.items()):
+        # Every other round in reverse order: a proxy's place in a round (the machine
+        # warming up or being lent out as a round goes on) evens out over rounds.
+        order = list(running.items())
+        for name, (svc, port) in (order if rnd % 2 else order[::-1]):
             if phase == "stream" and (name in ("poise+checks", "poise-2w") or name in FLOORS
                                       or name in OBSERVED):
                 continue    # per-request costs only: streaming is the same data path

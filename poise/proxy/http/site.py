@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from poise.config.model import Listener
+from poise.observability.access_format import AccessLogger
 from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
 from poise.proxy.http.router import Router
@@ -24,7 +25,7 @@ class Site:
 
     def __init__(self, spec: Listener, clusters: dict[str, ClusterRuntime],
                  loop: asyncio.AbstractEventLoop, counting: bool = True,
-                 access_log: Any = None, tracer: Any = None) -> None:
+                 access_log: AccessLogger | None = None, tracer: Any = None) -> None:
         self.loop = loop
         self.connections: set = set()
         # Counters since the listener was bound (poise.proxy.http.accounting): per
@@ -39,11 +40,13 @@ class Site:
         self.configure(spec, clusters, counting, access_log, tracer)
 
     def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime],
-                  counting: bool = True, access_log: Any = None, tracer: Any = None) -> None:
+                  counting: bool = True, access_log: AccessLogger | None = None,
+                  tracer: Any = None) -> None:
         """Take ``spec``'s settings and routes (to the runtimes in ``clusters``).
 
         ``counting``: count each response by status and latency (``metrics.enabled``);
-        ``access_log``: an :class:`~poise.observability.access_log.AccessLogger` or None;
+        ``access_log``: an :class:`~poise.observability.access_format.AccessLogger` or
+        None (a native call: both are compiled);
         ``tracer``: a :class:`~poise.observability.tracing.Tracer` or None."""
         self.name = spec.name
         self.counting = counting
