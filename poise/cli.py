@@ -85,6 +85,15 @@ def reload_config(config: str | None, admin: str | None, token: str | None) -> N
     sys.exit(reload(config, admin, token))
 
 
+def _register_commands() -> None:
+    from poise.discovery.register_cli import register_group
+
+    cli.add_command(register_group)
+
+
+_register_commands()
+
+
 def _log_start() -> None:
     from poise import hot_path
 

@@ -98,6 +98,9 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
             clusters.add(name)
         if "policy" in c:
             errors.extend(_policy_errors(f"clusters[{i}].policy", c["policy"]))
+        if not c.get("backends") and not isinstance(c.get("discovery"), dict):
+            errors.append((f"clusters[{i}].backends", "at least one backend is needed "
+                                                      "(or a discovery source)"))
         seen: set[str] = set()
         for j, b in _items(c, "backends"):
             address = b.get("address")

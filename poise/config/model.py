@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from poise.config.discovery import Discovery
 from poise.config.observability import AccessLog, Metrics, Tracing
 from poise.config.units import parse_address, parse_duration, parse_size
 from poise.core.units import parse_percent
@@ -356,7 +357,10 @@ class Cluster(Strict):
 
     name: str
     policy: PolicySpec = "round_robin"
-    backends: list[BackendConfig] = Field(min_length=1)
+    # With ``discovery``, a seed used until the source first answers (may be empty).
+    backends: list[BackendConfig] = Field(default_factory=list)
+    # None: the backends are those listed (see poise.discovery).
+    discovery: Discovery | None = None
     connect_timeout: Duration = 2.0
     # From the request being sent until the response head has arrived.
     response_header_timeout: Duration = 30.0

@@ -26,6 +26,7 @@ from poise.config.units import parse_address
 from poise.control.agent import Message, apply_message
 from poise.control.binding import bind_error
 from poise.control.dashboard import Dashboard
+from poise.control.discovery import Discoveries
 from poise.control.report import backend_entry, cluster_entry, redacted
 from poise.control.state import ClusterState, Member, members_of
 from poise.control.stats import StatsBook
@@ -85,6 +86,7 @@ class ControlPlane:
         self._flush: asyncio.Handle | None = None
         self._running = False
         self.dashboard_sampler = Dashboard(self, loop)
+        self.discoveries = Discoveries(loop, self._discovered)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -95,12 +97,14 @@ class ControlPlane:
         """Start the active health checks (and the dashboard's sampling)."""
         self._running = True
         for spec in self.config.clusters:
-            self._sync_checker(spec, None)
+            self._sync_checker(spec, None, self.states[spec.name])
+        self.discoveries.sync(self.config)
         self.dashboard_sampler.start()
 
     def stop(self) -> None:
         self._running = False
         self.dashboard_sampler.stop()
+        self.discoveries.stop()
         for checker in self.checkers.values():
             checker.stop()
         self.checkers.clear()
@@ -174,16 +178,19 @@ class ControlPlane:
         old = {c.name: c for c in self.config.clusters}
         self.config = config
         self.version += 1
+        if self._running:
+            self.discoveries.sync(config)
         states: dict[str, ClusterState] = {}
         for spec in config.clusters:
             state = self.states.get(spec.name)
+            members = self.discoveries.members(spec) or members_of(spec)
             if state is None:
-                state = ClusterState(spec.name, members_of(spec))
+                state = ClusterState(spec.name, members)
             else:
-                state.set_members(members_of(spec))
+                state.set_members(members)
             states[spec.name] = state
             if self._running:
-                self._sync_checker(spec, old.get(spec.name))
+                self._sync_checker(spec, old.get(spec.name), state)
         for name in self.states.keys() - states.keys():
             checker = self.checkers.pop(name, None)
             if checker is not None:
@@ -202,17 +209,19 @@ class ControlPlane:
 
     # -- health checks -----------------------------------------------------------------
 
-    def _sync_checker(self, spec: Cluster, old: Cluster | None) -> None:
-        """Probe ``spec``'s backends as its ``health_check`` says (a changed check
-        starts over; a changed membership keeps the verdicts of those that stay)."""
+    def _sync_checker(self, spec: Cluster, old: Cluster | None, state: ClusterState) -> None:
+        """Probe the backends of ``spec`` (``state``'s members) as its ``health_check``
+        says (a changed check starts over; a changed membership keeps the verdicts of
+        those that stay)."""
         checker = self.checkers.get(spec.name)
-        backends = [Backend(m.host, m.port) for m in members_of(spec)]
+        backends = [Backend(m.host, m.port) for m in state.view.members]
         if checker is not None and (old is None or old.health_check != spec.health_check):
             checker.stop()
             del self.checkers[spec.name]
             checker = None
-            for m in self.states[spec.name].view.members:
-                self._checked(spec.name, Backend(m.host, m.port), True)
+            for m in state.view.members:
+                if state.set_down(m.key, False):
+                    self._changed(spec.name)
         if spec.health_check is None:
             return
         if checker is None:
@@ -223,6 +232,19 @@ class ControlPlane:
             checker.start()
         else:
             checker.set_backends(backends)
+
+    def _discovered(self, cluster: str, members: list[Member]) -> None:
+        """A discovery source yielded ``cluster``'s new membership."""
+        state = self.states.get(cluster)
+        if state is None or not state.set_members(members):
+            return
+        log.info("discovery: cluster %s now has %d backends", cluster, len(members))
+        checker = self.checkers.get(cluster)
+        if checker is not None:
+            checker.set_backends([Backend(m.host, m.port) for m in members])
+        kept = {(c, m.address) for c, s in self.states.items() for m in s.view.members}
+        self.metrics.forget(lambda key: (b := backend_of(key)) is None or b in kept)
+        self._changed(cluster)
 
     def _checked(self, cluster: str, backend: Backend, healthy: bool) -> None:
         state = self.states.get(cluster)
@@ -299,6 +321,8 @@ class ControlPlane:
                       for c in clusters for b in c["backends"]],
             listeners=[lst.name for lst in self.config.listeners],
             panic={c["name"]: c["panic"] for c in clusters},
+            discovery={name: (s.state == "up", s.updates)
+                       for name, s in self.discoveries.statuses().items()},
             config_version=self.version,
             workers=sum(1 for w in workers if w["state"] == "running"),
             worker_restarts=sum(w["restarts"] for w in workers),
@@ -327,8 +351,9 @@ class ControlPlane:
         return self.fleet.stats() if self.fleet is not None else StatsBook()
 
     def _cluster_entry(self, spec: Cluster, book: StatsBook) -> dict[str, Any]:
-        return cluster_entry(spec, self.states[spec.name].view, book,
-                             self._check_reason(spec.name))
+        return {**cluster_entry(spec, self.states[spec.name].view, book,
+                                self._check_reason(spec.name)),
+                "discovery": self.discoveries.status(spec.name)}
 
     def _backend_entry(self, cluster: str, key: tuple[str, int]) -> dict[str, Any]:
         return backend_entry(cluster, self.states[cluster].member(key), self._totals(),

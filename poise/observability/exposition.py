@@ -74,6 +74,8 @@ class PlaneState:
     backends: list[BackendState] = field(default_factory=list)
     listeners: list[str] = field(default_factory=list)
     panic: dict[str, bool] = field(default_factory=dict)
+    # Per cluster with a discovery source: (up, updates so far).
+    discovery: dict[str, tuple[bool, int]] = field(default_factory=dict)
     config_version: int = 0
     workers: int = 0
     worker_restarts: int = 0
@@ -178,6 +180,15 @@ class _Collector(Collector):
         for cluster, on in state.panic.items():
             panic.add_metric([cluster], 1 if on else 0)
         yield from (up, states, weights, panic)
+        source_up = GaugeMetricFamily("poise_discovery_up", "1 while the cluster's discovery "
+                                      "source answers (0: failing, the last set is kept).",
+                                      labels=("cluster",))
+        updates = CounterMetricFamily("poise_discovery_updates", "New backend sets a "
+                                      "discovery source yielded.", labels=("cluster",))
+        for cluster, (on, count) in state.discovery.items():
+            source_up.add_metric([cluster], 1 if on else 0)
+            updates.add_metric([cluster], count)
+        yield from (source_up, updates)
 
     def _process(self) -> Iterable[object]:
         state = self.state

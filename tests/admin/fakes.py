@@ -18,11 +18,13 @@ def _backend(address: str, weight: int = 1, **extra: Any) -> dict[str, Any]:
 
 
 CLUSTERS = [
-    {"name": "app", "policy": "round_robin", "version": 3, "panic": False, "backends": [
+    {"name": "app", "policy": "round_robin", "version": 3, "panic": False,
+     "discovery": None, "backends": [
         _backend("127.0.0.1:9001", 2),
         _backend("[::1]:9002", state="down", reason="health check: 2 failures"),
     ]},
-    {"name": "api", "policy": "least_conn", "version": 1, "panic": True, "backends": [
+    {"name": "api", "policy": "least_conn", "version": 1, "panic": True,
+     "discovery": None, "backends": [
         _backend("10.0.0.1:80", backup=True, state="ejected", reason="5 gateway errors"),
     ]},
 ]
