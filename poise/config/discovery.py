@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from poise.config.units import parse_duration
 
@@ -41,6 +41,21 @@ class DnsDiscovery(_Strict):
     min_ttl: _Duration = 1.0
     max_ttl: _Duration = 300.0
     timeout: _Duration = 2.0
+
+    @model_validator(mode="after")
+    def _port_needed(self) -> DnsDiscovery:
+        if self.record != "SRV" and self.port is None:
+            raise ValueError("A/AAAA records carry no port: `port` is required "
+                             "(or record: SRV)")
+        if self.min_ttl > self.max_ttl:
+            raise ValueError("min_ttl must not exceed max_ttl")
+        if self.resolver is not None:
+            from poise.discovery.dns import parse_resolver
+            try:
+                parse_resolver(self.resolver)
+            except ValueError as e:
+                raise ValueError(f"resolver: {e}") from None
+        return self
 
 
 class EtcdDiscovery(_Strict):
