@@ -63,3 +63,20 @@ def test_a_file_source_drives_membership_under_load(stack, tmp_path):
     assert load.failures == [], load.summary()
     backends = {b["address"] for b in px.admin.get("/clusters/app").json()["backends"]}
     assert backends == {b1.address, b2.address}
+
+
+def test_discovered_backends_are_health_checked_like_listed_ones(stack, tmp_path):
+    b1 = stack.backend("b1")
+    path = tmp_path / "backends.json"
+    write(path, b1)
+    px = stack.poise([], workers=1, admin={"token": TOKEN}, cluster={
+        "discovery": {"type": "file", "path": str(path), "poll_interval": "100ms"},
+        "health_check": {"type": "tcp", "interval": "100ms", "timeout": "50ms", "fall": 1}})
+
+    def states() -> dict[str, str]:
+        return {b["address"]: b["state"]
+                for b in px.admin.get("/clusters/app").json()["backends"]}
+    wait_for(lambda: states() == {b1.address: "up"}, 5, "b1 discovered and up")
+    path.write_text(json.dumps([{"address": b1.address}, {"address": "127.0.0.1:9"}]))
+    wait_for(lambda: states() == {b1.address: "up", "127.0.0.1:9": "down"}, 5,
+             lambda: f"the discovered dead backend checked down: {states()}")
