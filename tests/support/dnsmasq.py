@@ -27,7 +27,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.support.procs import LOOPBACK, free_port
+from tests.support.procs import LOOPBACK, free_port, terminate
 from tests.support.waiting import wait_for
 
 DOMAIN = "poise.test"
@@ -79,13 +79,7 @@ class Dnsmasq:
         raise error
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:

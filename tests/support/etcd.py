@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LOOPBACK, free_port
+from tests.support.procs import LOOPBACK, free_port, terminate
 from tests.support.waiting import wait_for
 
 
@@ -58,13 +58,7 @@ class Etcd:
         wait_for(up, 20, "etcd answering", step=0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     # -- the gateway -------------------------------------------------------------------
 

@@ -26,6 +26,17 @@ POISE_SRC = Path(os.environ.get("POISE_SRC") or ROOT)
 LOOPBACK = "127.0.0.1"
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` and wait for it; SIGKILL it after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     """A port that was free a moment ago (poise binds it itself, so a race is possible;
     :meth:`Poise.start` retries on a bind failure)."""
@@ -140,13 +151,7 @@ class Backend:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         self.proc.stdout.close()
 
     def __repr__(self) -> str:

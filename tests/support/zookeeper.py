@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import free_port
+from tests.support.procs import free_port, terminate
 from tests.support.waiting import wait_for
 
 JAR = Path("/usr/share/java/zookeeper.jar")     # its manifest names its dependencies
@@ -66,13 +66,7 @@ class ZooKeeper:
         wait_for(up, timeout, "zookeeper answering ruok", step=0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def four_letters(self, word: str, timeout: float = 5.0) -> str:
