@@ -61,6 +61,7 @@ async def _demo(bind: str, admin: str) -> int:
             print(f"  demo backend {name:<6} http://127.0.0.1:{p}/")
         print(f"poise balancer      http://{host}:{port}/   (Ctrl-C to stop)")
         print(f"  admin API         http://{admin}/clusters")
+        print(f"  dashboard         http://{admin}/   ·  metrics http://{admin}/metrics")
         print(f"  config            {path}  (edit, then: poise reload {path})")
         print(f"  try: curl http://{host}:{port}/  ·  wrk -c32 -d5s http://{host}:{port}/",
               flush=True)
