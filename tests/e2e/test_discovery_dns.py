@@ -39,6 +39,8 @@ def test_srv_records_drive_membership_under_load(stack, dnsmasq_server):
         wait_for(lambda: members(px) == {b1.address: (5, False), b2.address: (1, True)}, 10,
                  "b2 as a backup (a higher SRV priority)")
         dnsmasq_server.set_srv(name, [(target, b2.port, 10, 3)])
+        # (set_srv restarts dnsmasq: the source may fail meanwhile and back off first)
+        wait_for(lambda: members(px) == {b2.address: (3, False)}, 20, "b2 alone")
         moved = time.monotonic()
         wait_for(lambda: load.backends(moved + 1.0)["b2"] > 50, 10, "traffic on b2")
         assert load.backends(moved + 1.0)["b1"] == 0
