@@ -60,6 +60,12 @@ def unb64(text: str | None) -> bytes:
     return base64.b64decode(text or "")
 
 
+def rotation(first: int, count: int) -> list[int]:
+    """Endpoint indexes in the order to try them: ``first`` (the one that answered
+    last), then the others in config order, wrapping around."""
+    return [(first + i) % count for i in range(count)]
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The ``range_end`` that selects every key starting with ``prefix``: the prefix with
     its last byte incremented (trailing 0xff bytes dropped first); ``b"\\0"`` (every
@@ -243,9 +249,7 @@ class EtcdSource:
         """The index of an endpoint that answers, tried in order, and a token for it
         (with credentials); raises the last connection error when none answers."""
         error: Exception | None = None
-        count = len(self.endpoints)
-        for i in range(count):
-            index = (self._first + i) % count
+        for index in rotation(self._first, len(self.endpoints)):
             endpoint = self.endpoints[index]
             try:
                 async with asyncio.timeout(self.timeout):

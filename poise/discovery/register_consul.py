@@ -28,16 +28,16 @@ import http.client
 import json
 import logging
 import ssl
-import threading
 from urllib.parse import quote
 
 from poise.config.units import parse_address
 from poise.discovery.consul import ConsulError, go_duration, parse_agent
+from poise.discovery.heartbeat import Heartbeats
 
 log = logging.getLogger("poise")
 
 
-class ConsulRegistrar:
+class ConsulRegistrar(Heartbeats):
     def __init__(self, *, address: str, weight: int = 1, ttl: float = 10.0,
                  consul: str = "http://127.0.0.1:8500", service: str,
                  service_id: str | None = None, token: str | None = None,
@@ -66,21 +66,10 @@ class ConsulRegistrar:
                       "DeregisterCriticalServiceAfter": go_duration(deregister_after)},
         }
         self.registered = False
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.kind, self.label = "consul", self.service_id
+        super().__init__()
 
     # -- the contract ----------------------------------------------------------------
-
-    def start(self) -> None:
-        """Register with a passing TTL check and start the heartbeats; raises
-        (ConnectionError, ConsulError) when the agent cannot be reached or refuses."""
-        if self._thread is not None:
-            raise RuntimeError("already started")
-        self._register()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._beat, daemon=True,
-                                        name=f"consul-ttl:{self.service_id}")
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop the heartbeats and deregister before returning.  When the agent cannot be
@@ -99,41 +88,21 @@ class ConsulRegistrar:
             log.warning("consul: could not deregister %s (%s); its check goes critical "
                         "within %ss", self.service_id, e, self.ttl)
 
-    def abandon(self) -> None:
-        """Stop the heartbeats only: the instance stays until its check expires, as when
-        the process is killed (for tests)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
     # -- inside ----------------------------------------------------------------------
 
     def _register(self) -> None:
         self._put("/v1/agent/service/register", self.definition)
         self.registered = True
 
-    def _beat(self) -> None:
-        failing = False
-        while not self._stopping.wait(self.interval):
-            try:
-                try:
-                    self._put(f"/v1/agent/check/pass/{quote(self.check_id, safe='')}")
-                except ConsulError as e:
-                    if e.status != 404:
-                        raise
-                    log.warning("consul: the agent no longer knows %s; registering again",
-                                self.service_id)
-                    self._register()
-                if failing:
-                    log.info("consul: heartbeats of %s are going through again",
-                             self.service_id)
-                failing = False
-            except Exception as e:  # noqa: BLE001 (the thread must outlive any failure)
-                if not failing:
-                    log.warning("consul: heartbeat of %s failed (%s); retrying every %.1fs",
-                                self.service_id, e, self.interval)
-                failing = True
+    def _heartbeat(self) -> None:
+        try:
+            self._put(f"/v1/agent/check/pass/{quote(self.check_id, safe='')}")
+        except ConsulError as e:
+            if e.status != 404:
+                raise
+            log.warning("consul: the agent no longer knows %s; registering again",
+                        self.service_id)
+            self._register()
 
     def _put(self, path: str, body: object = None) -> None:
         """One PUT; ConsulError (with the status) unless Consul answers 200."""

@@ -23,15 +23,15 @@ import http.client
 import json
 import logging
 import ssl
-import threading
 from typing import Any
 
-from poise.discovery.etcd import INVALID_TOKEN, Endpoint, EtcdError, b64
+from poise.discovery.etcd import INVALID_TOKEN, Endpoint, EtcdError, b64, rotation
+from poise.discovery.heartbeat import Heartbeats
 
 log = logging.getLogger("poise")
 
 
-class EtcdRegistrar:
+class EtcdRegistrar(Heartbeats):
     def __init__(self, *, address: str, weight: int = 1, ttl: float = 10.0,
                  endpoints: list[str] | tuple[str, ...] = ("http://127.0.0.1:2379",),
                  prefix: str, key: str | None = None, username: str | None = None,
@@ -52,21 +52,10 @@ class EtcdRegistrar:
         self.interval = self.ttl / 3
         self._token: str | None = None
         self._first = 0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.kind, self.label = "etcd", self.key
+        super().__init__()
 
     # -- the contract ----------------------------------------------------------------
-
-    def start(self) -> None:
-        """Put the key bound to a fresh lease and start the heartbeats; raises
-        (ConnectionError, EtcdError) when etcd cannot be reached or refuses."""
-        if self._thread is not None:
-            raise RuntimeError("already started")
-        self._register()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._beat, name=f"etcd-lease:{self.key}",
-                                        daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop the heartbeats and revoke the lease (deleting the key) before returning.
@@ -86,14 +75,6 @@ class EtcdRegistrar:
             log.warning("etcd: could not revoke the lease of %s (%s); it expires within "
                         "%ss", self.key, e, self.ttl)
 
-    def abandon(self) -> None:
-        """Stop the heartbeats only: the key stays until its lease expires, as when the
-        process is killed (for tests, and for handing an entry over)."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
     # -- inside ----------------------------------------------------------------------
 
     def _register(self) -> None:
@@ -105,36 +86,18 @@ class EtcdRegistrar:
                                   "value": b64(self.value.encode()),
                                   "lease": str(self.lease)})
 
-    def _beat(self) -> None:
-        failing = lost = False
-        while not self._stopping.wait(self.interval):
-            try:
-                if not lost:
-                    answer = self._call("/v3/lease/keepalive", {"ID": str(self.lease)})
-                    # No TTL: the lease expired (etcd was away longer than the TTL).
-                    lost = int((answer.get("result") or {}).get("TTL") or 0) <= 0
-                    if lost:
-                        log.warning("etcd: the lease of %s had expired; registering again",
-                                    self.key)
-                if lost:
-                    self._register()
-                    lost = False
-                if failing:
-                    log.info("etcd: heartbeats of %s are going through again", self.key)
-                failing = False
-            except Exception as e:  # noqa: BLE001 (the thread must outlive any failure)
-                if not failing:
-                    log.warning("etcd: heartbeat of %s failed (%s); retrying every %.1fs",
-                                self.key, e, self.interval)
-                failing = True
+    def _heartbeat(self) -> None:
+        answer = self._call("/v3/lease/keepalive", {"ID": str(self.lease)})
+        # No TTL: the lease expired (etcd was away longer than the TTL).
+        if int((answer.get("result") or {}).get("TTL") or 0) <= 0:
+            log.warning("etcd: the lease of %s had expired; registering again", self.key)
+            self._register()
 
     def _call(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One request, endpoints tried in order on connection failures (starting with
         the last one that answered), authenticating first when credentials are set."""
         error: Exception | None = None
-        count = len(self.endpoints)
-        for i in range(count):
-            index = (self._first + i) % count
+        for index in rotation(self._first, len(self.endpoints)):
             endpoint = self.endpoints[index]
             try:
                 answer = self._on(endpoint, path, payload, index)
