@@ -13,7 +13,7 @@ read or write).
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from poise.errors import (
     PoiseError,
@@ -95,6 +95,43 @@ class Tries(Counts):
         super().__init__()
         self.connect_errors = 0
         self.timeouts = 0
+
+
+# -- the tries and the trace of an exchange ------------------------------------------
+
+
+def begin_try(ex: Exchange) -> None:
+    """A try on ``ex.pool`` begins: a connection is attached or being opened for it
+    (counted and timed for metrics; not while it waits in the queue)."""
+    ex.attempts += 1
+    if ex.client.site.counting:
+        ex._try_began = monotonic()
+
+
+def end_try(ex: Exchange, code: int, error: PoiseError | None = None,
+            now: float = 0.0) -> None:
+    """``ex``'s current try ended (at ``now``; default: the clock now) with the response
+    status ``code`` (NO_RESPONSE: it failed with ``error``); counted once, however many
+    ends are reported."""
+    began = ex._try_began
+    if began > 0.0:
+        ex._try_began = 0.0
+        ex.pool.tries.observe(code, (now or monotonic()) - began)
+    if ex.trace is not None:
+        ex.trace.end_try(code or None, None if error is None else failure_kind(error))
+
+
+def start_trace(ex: Exchange, tracer: Any) -> None:
+    """Continue the client's trace context (W3C traceparent/tracestate), or start one;
+    the context is re-sent to the backend per try (``Exchange._request_head``)."""
+    traceparent, tracestate = ex.take_trace_context()
+    client = ex.client
+    ex.trace = tracer.start(traceparent, tracestate, ex.method, ex.target, ex.host,
+                            client.peer_ip, client.site.name,
+                            version="1.1" if ex.http11 else "1.0")
+
+
+# -- responses ------------------------------------------------------------------------
 
 
 def count_response(site: Site, cluster: str, status: int, began: float,

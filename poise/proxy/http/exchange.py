@@ -17,7 +17,7 @@ from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
 from poise.errors import NoRoute, Overloaded, PoiseError, UpstreamProtocolError, UpstreamTimeout
-from poise.proxy.http.accounting import NO_RESPONSE, failure_kind
+from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
@@ -143,7 +143,7 @@ class Exchange(RequestHead):
         site = self.client.site
         self.route_name = ""
         if site.tracer is not None:
-            self._start_trace(site.tracer)
+            start_trace(self, site.tracer)
         try:
             cluster = self.cluster = site.router.catch_all or self._route()
             self.route_name = cluster.name
@@ -175,38 +175,11 @@ class Exchange(RequestHead):
             conn = pool.take_idle()
         if conn is not None:
             conn.reused = True
-            self.begin_try()
+            begin_try(self)
             self._attach(conn)
         elif cluster.limits is None or may_connect(self):
-            self.begin_try()
+            begin_try(self)
             open_connection(self)
-
-    def begin_try(self) -> None:
-        """A try on ``self.pool`` begins: a connection is attached or being opened for
-        it (counted and timed for metrics; not while it waits in the queue)."""
-        self.attempts += 1
-        if self.client.site.counting:
-            self._try_began = monotonic()
-
-    def end_try(self, code: int, error: PoiseError | None = None, now: float = 0.0) -> None:
-        """The current try ended (at ``now``; default: the clock now) with the response
-        status ``code`` (NO_RESPONSE: it failed with ``error``); counted once, however
-        many ends are reported."""
-        began = self._try_began
-        if began > 0.0:
-            self._try_began = 0.0
-            self.pool.tries.observe(code, (now or monotonic()) - began)
-        if self.trace is not None:
-            self.trace.end_try(code or None, None if error is None else failure_kind(error))
-
-    def _start_trace(self, tracer: Any) -> None:
-        """Continue the client's trace context (W3C traceparent/tracestate), or start
-        one; the context is re-sent to the backend per try (``_request_head``)."""
-        traceparent, tracestate = self.take_trace_context()
-        client = self.client
-        self.trace = tracer.start(traceparent, tracestate, self.method, self.target,
-                                  self.host, client.peer_ip, client.site.name,
-                                  version="1.1" if self.http11 else "1.0")
 
     def _route(self) -> ClusterRuntime:
         path = self.target.split(b"?", 1)[0]
@@ -357,7 +330,7 @@ class Exchange(RequestHead):
                 cluster.report(self.pool, Outcome.SUCCESS)
         if cluster.retry is not None and status in cluster.retry.statuses \
                 and may_retry(self, "on_status"):
-            self.end_try(status)
+            end_try(self, status)
             drop_response(self)
             return
         self.status = status
@@ -409,11 +382,9 @@ class Exchange(RequestHead):
             self._wrote_client = True
         self.conn = None
         self.finished = True
-        if self.client.site.counting:
-            self.ended = monotonic()        # (one clock read for both ends)
-            self.end_try(self.status, None, self.ended)
-        else:
-            self.end_try(self.status)
+        # One clock read for the try's end and the request's (0: none needed).
+        self.ended = monotonic() if client.site.counting else 0.0
+        end_try(self, self.status, None, self.ended)
         end_exchange(self)
         if self.request_complete and conn.usable:
             self.pool.release(conn)
@@ -475,7 +446,7 @@ class Exchange(RequestHead):
         self.pool.errors += 1
         if isinstance(error, UpstreamTimeout):
             self.pool.tries.timeouts += 1
-        self.end_try(NO_RESPONSE, error)
+        end_try(self, NO_RESPONSE, error)
         if not self.response_head_sent and cluster is not None:
             if cluster.observe is not None:
                 self._observe(False)

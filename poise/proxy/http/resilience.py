@@ -16,7 +16,7 @@ from poise.core.outlier import Outcome
 from poise.core.retry import backoff
 from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
 from poise.proxy.deadline import SLACK
-from poise.proxy.http.accounting import NO_RESPONSE, exchange_over
+from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -91,7 +91,7 @@ async def _connect_failing_over(ex: Exchange,
             tried.append(pool)
             pool.errors += 1
             pool.tries.connect_errors += 1
-            ex.end_try(NO_RESPONSE, e)
+            end_try(ex, NO_RESPONSE, e)
             if cluster.observe is not None:
                 ex._observe(False)
             if cluster.failure_statuses is not None:
@@ -113,7 +113,7 @@ async def _connect_failing_over(ex: Exchange,
             ex.pool = nxt
             if ex.trace is not None:    # nothing was sent: the head names the new try
                 ex._up_out[0] = ex._request_head()
-            ex.begin_try()
+            begin_try(ex)
             connecting = nxt.connect(_connect_timeout(ex))
             if ex.cluster.load_changed is not None:
                 ex.cluster.load_changed(pool.backend)
@@ -156,7 +156,7 @@ def may_connect(ex: Exchange) -> bool:
 def resume_from_queue(ex: Exchange, conn: UpstreamConnection | None) -> None:
     """Our turn: use ``conn`` (released by a finished request), or connect."""
     _leave_queue(ex)
-    ex.begin_try()
+    begin_try(ex)
     if conn is not None:
         conn.reused = True
         ex._attach(conn)
