@@ -183,7 +183,9 @@ class ControlPlane:
         states: dict[str, ClusterState] = {}
         for spec in config.clusters:
             state = self.states.get(spec.name)
-            members = self.discoveries.members(spec) or members_of(spec)
+            members = self.discoveries.members(spec)    # (an empty set stays empty)
+            if members is None:
+                members = members_of(spec)
             if state is None:
                 state = ClusterState(spec.name, members)
             else:
@@ -197,10 +199,8 @@ class ControlPlane:
                 checker.stop()
         self.states = states
         self._dirty.clear()
-        kept = {(name, m.address) for name, s in states.items() for m in s.view.members}
-        self.metrics.forget(lambda key: (b := backend_of(key)) is None or b in kept)
+        self._forget_removed()
         if self.fleet is not None:
-            self.fleet.stats().forget(kept)
             if config.workers != 1:
                 self.fleet.resize(config.workers)
         self._publish(self.state_message())
@@ -242,9 +242,16 @@ class ControlPlane:
         checker = self.checkers.get(cluster)
         if checker is not None:
             checker.set_backends([Backend(m.host, m.port) for m in members])
+        self._forget_removed()
+        self._changed(cluster)
+
+    def _forget_removed(self) -> None:
+        """Drop the counts of backends no cluster has any more (so that they leave the
+        admin API's totals and the metrics)."""
         kept = {(c, m.address) for c, s in self.states.items() for m in s.view.members}
         self.metrics.forget(lambda key: (b := backend_of(key)) is None or b in kept)
-        self._changed(cluster)
+        if self.fleet is not None:
+            self.fleet.stats().forget(kept)
 
     def _checked(self, cluster: str, backend: Backend, healthy: bool) -> None:
         state = self.states.get(cluster)
