@@ -17,13 +17,17 @@ class Backend:
     meta: tuple[tuple[str, str], ...] = field(default=())
     # Receives traffic only when no primary backend of its cluster is ready.
     backup: bool = False
-    # Cached: backends are dict keys on the request path.
+    # Cached: backends are dict keys on the request path, and their address is in
+    # every access log line and trace.
     _hash: int = field(init=False, repr=False, compare=False, default=0)
+    _address: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash",
                            hash((self.host, self.port, self.weight, self.zone, self.meta,
                                     self.backup)))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "_address", f"{host}:{self.port}")
 
     def __hash__(self) -> int:
         return self._hash
@@ -31,8 +35,7 @@ class Backend:
     @property
     def address(self) -> str:
         """``host:port`` (IPv6 hosts in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return self._address
 
     def __repr__(self) -> str:
         return f"<Backend {self.address} w={self.weight}>"

@@ -164,15 +164,17 @@ def exchange_over(ex: Exchange) -> None:
     if site.counting:
         count_response(site, route, status, ex.began, ex.ended)
     log = site.access_log
+    trace = ex.trace
+    if log is None and trace is None:
+        return
+    upstream = ex.pool.backend.address if ex.attempts else None
     if log is not None:
         referer, agent = _browser_fields(ex.fields)
-        trace = ex.trace
         log.log(ex.client.peer_ip, ex.method, ex.target, ex.http11, status, ex.bytes_sent,
-                (ex.ended or monotonic()) - ex.began, route,
-                ex.pool.backend.address if ex.attempts else None, ex.attempts,
+                (ex.ended or monotonic()) - ex.began, route, upstream, ex.attempts,
                 trace.trace_id if trace is not None else None, referer, agent)
-    if ex.trace is not None:
-        ex.trace.finish(status, route, ex.pool.backend.address if ex.attempts else None)
+    if trace is not None:
+        trace.finish(status, route, upstream)
 
 
 def answer_counted(site: Site, status: int, written: int, began: float, peer_ip: bytes,
