@@ -12,7 +12,7 @@ $(BIN)/python:
 # The HTTP hot path is compiled with mypyc at install (setup.py): editing one of its
 # modules reinstalls, so the compiled modules never lag behind their sources.
 HOT_PATH_SOURCES := $(wildcard poise/proxy/http/*.py) poise/proxy/deadline.py \
-                    poise/observability/access_format.py
+                    poise/observability/access_format.py poise/core/ratelimit.py
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(HOT_PATH_SOURCES)
 	$(BIN)/pip install -q --upgrade pip

@@ -16,6 +16,7 @@ import os
 from setuptools import setup
 
 HOT_PATH = [
+    "poise/core/ratelimit.py",
     "poise/observability/access_format.py",
     "poise/proxy/deadline.py",
     "poise/proxy/http/accounting.py",
@@ -24,6 +25,7 @@ HOT_PATH = [
     "poise/proxy/http/errors.py",
     "poise/proxy/http/exchange.py",
     "poise/proxy/http/headers.py",
+    "poise/proxy/http/limiting.py",
     "poise/proxy/http/protocol.py",
     "poise/proxy/http/request.py",
     "poise/proxy/http/resilience.py",

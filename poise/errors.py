@@ -91,6 +91,17 @@ class NoBackendAvailable(PoiseError):
     status = 503
 
 
+class RateLimited(DownstreamError):
+    """A rate limit of the route denied the request; ``headers`` are the response's
+    ``Retry-After`` and ``RateLimit-Policy``/``RateLimit`` lines."""
+
+    status = 429
+
+    def __init__(self, headers: bytes, detail: str = "") -> None:
+        super().__init__(detail or "rate limited")
+        self.headers = headers
+
+
 class Overloaded(NoBackendAvailable):
     """A circuit-breaker limit of the cluster is reached (``limit`` names it; the
     response carries it in ``x-poise-limit``)."""

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from poise.config.discovery import Discovery
+from poise.config.limits import DEFAULT_TABLE_SLOTS, Cidr, RateLimits, TableSlots
 from poise.config.observability import AccessLog, Metrics, Tracing
 from poise.config.units import parse_address, parse_duration, parse_size
 from poise.core.units import parse_percent
@@ -178,6 +179,10 @@ class Route(Strict):
 
     match: Match | None = None
     cluster: str
+    # Its label in metrics (default: the cluster's name).
+    name: str | None = Field(None, min_length=1, max_length=64)
+    # This route's rate limits (default: the listener's; ``[]``: none).
+    rate_limit: RateLimits | None = None
 
 
 class Listener(Strict):
@@ -204,6 +209,15 @@ class Listener(Strict):
     abort_on_client_close: bool = True
     # This listener's access log (default: the top-level ``access_log``; ``false``: none).
     access_log: AccessLog | Literal[False] | None = None
+    # Open client connections, all workers together (None: no cap), and the same per
+    # client address: a connection over either is closed as soon as it is accepted.
+    max_connections: int | None = Field(None, ge=1)
+    max_connections_per_ip: int | None = Field(None, ge=1)
+    # Proxies in front of this listener: from a peer in these networks, a rate limit's
+    # client_ip is the right-most X-Forwarded-For address not in them.
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+    # Rate limits of the routes without their own (shared by them: one bucket per key).
+    rate_limit: RateLimits | None = None
 
 
 # The largest backend weight (config, admin API).
@@ -438,3 +452,6 @@ class Config(Strict):
     access_log: AccessLog | None = None
     # None: no tracing (``traceparent`` is passed through untouched).
     tracing: Tracing | None = None
+    # Keys the shared rate-limit table holds (a power of two; 16 bytes each), read at
+    # start: when full, the key nearest to expiry is forgotten.
+    rate_limit_table_slots: TableSlots = DEFAULT_TABLE_SLOTS

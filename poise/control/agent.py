@@ -24,6 +24,7 @@ from poise.config.model import Config
 from poise.control.state import ClusterView
 from poise.observability.shipper import Shipper
 from poise.proxy.server import ProxyServer
+from poise.ratelimit.shared import SharedState
 
 log = logging.getLogger("poise")
 Message = dict[str, Any]
@@ -44,8 +45,13 @@ class WorkerAgent:
     process sends it back to the control plane)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_applied: Callable[[Message], None] | None = None) -> None:
+                 on_applied: Callable[[Message], None] | None = None,
+                 slot: int = 0, shared: str | None = None) -> None:
         self.loop = loop
+        # This worker's slot, and the shared memory's argument (SharedState.describe:
+        # None for a single process, which keeps its own).
+        self.slot = slot
+        self._shared = shared
         self.server: ProxyServer | None = None
         self.config_version = 0
         self.versions: dict[str, int] = {}
@@ -58,7 +64,10 @@ class WorkerAgent:
         """The data plane for a first, full ``apply`` message (not yet bound)."""
         config = Config.model_validate(message["config"])
         views = _views(message)
-        self.server = ProxyServer(config, self.loop, {v.name: v.members for v in views})
+        shared = None if self._shared is None else SharedState.from_argument(
+            self._shared, self.slot, config.workers)
+        self.server = ProxyServer(config, self.loop, {v.name: v.members for v in views},
+                                  shared)
         self._shipper = Shipper(self.server)
         self.config_version = int(message["config_version"])
         self.versions = {v.name: v.version for v in views}

@@ -31,6 +31,7 @@ REPORT_INTERVAL = 1.0
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     fd, slot = int(args[0]), int(args[1])
+    shared = args[2] if len(args) > 2 else None
     logging.basicConfig(level=logging.INFO,
                         format=f"poise[worker {slot}] %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the supervisor
@@ -38,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     # (Until the access logs exist to reopen: SIGUSR1 would otherwise kill us.)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     tune_malloc()
-    sys.exit(uvloop.run(_serve(socket.socket(fileno=fd))))
+    sys.exit(uvloop.run(_serve(socket.socket(fileno=fd), slot, shared)))
 
 
-async def _serve(sock: socket.socket) -> int:
+async def _serve(sock: socket.socket, slot: int = 0, shared: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     first: asyncio.Future[Message] = loop.create_future()
@@ -51,7 +52,8 @@ async def _serve(sock: socket.socket) -> int:
         if channel is not None:
             channel.send(message)
 
-    agent = WorkerAgent(loop, on_applied=lambda status: send({"type": "applied", **status}))
+    agent = WorkerAgent(loop, on_applied=lambda status: send({"type": "applied", **status}),
+                        slot=slot, shared=shared)
 
     retiring = False
 

@@ -1,7 +1,8 @@
 """The supervisor's worker processes: start them, feed them, restart them.
 
-Each worker is ``python -m poise.control.worker FD SLOT``, holding one end of a
-socketpair (the channel, :mod:`poise.control.channel`).  The first message it gets
+Each worker is ``python -m poise.control.worker FD SLOT SHARED``, holding one end of
+a socketpair (the channel, :mod:`poise.control.channel`) and the memory all workers
+share (rate-limit table, connection counts: :mod:`poise.ratelimit.shared`).  The first message it gets
 is the control plane's whole state; it binds its listeners (SO_REUSEPORT) only after
 applying it, then says ``ready``.  A worker that dies is restarted after a capped,
 growing backoff (it grows while workers die within ``STABLE_AFTER`` seconds of
@@ -23,6 +24,7 @@ from poise.control.agent import Message
 from poise.control.channel import Channel
 from poise.control.stats import StatsBook
 from poise.observability.book import MetricsBook
+from poise.ratelimit.shared import SharedState
 
 if TYPE_CHECKING:
     from poise.control.plane import ControlPlane
@@ -66,6 +68,8 @@ class WorkerSet:
         self.loop = loop
         self.slots: dict[int, Worker] = {}
         self.book = StatsBook()
+        # Its size is read from the config at start (a reload cannot resize it).
+        self.shared = SharedState.create(plane.config.rate_limit_table_slots)
         self.stopping = False
         self.restarts = 0
         self._quick_deaths: dict[int, int] = {}
@@ -160,7 +164,8 @@ class WorkerSet:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "poise.control.worker", str(child.fileno()),
-                str(worker.slot), pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                str(worker.slot), self.shared.describe(),
+                pass_fds=(child.fileno(), self.shared.fd), stdin=subprocess.DEVNULL)
         except OSError as e:
             parent.close()
             log.error("worker %d: cannot start: %s", worker.slot, e)
@@ -201,6 +206,10 @@ class WorkerSet:
             worker.channel.close()
         self.book.retire(worker.pid)
         self.plane.metrics.retire(worker.pid)
+        if self.slots.get(worker.slot) in (worker, None):
+            # Its connections are closed: forget their counts (unless a successor
+            # already serves in its slot, a resize back up while it drained).
+            self.shared.worker_gone(worker.slot)
         if self.stopping or self.slots.get(worker.slot) is not worker:
             return                      # stopping, or removed by a resize
         lived = time.monotonic() - worker.started_at

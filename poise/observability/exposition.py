@@ -47,6 +47,20 @@ _SIMPLE_COUNTERS = (
     ("access_log_dropped", "poise_access_log_dropped",
      "Access log lines dropped because the writer fell 16 MiB behind or a write failed.",
      ()),
+    ("rate_limited", "poise_rate_limited",
+     "Requests a rate limit denied with 429 (mode enforce) or would have (mode shadow).",
+     ("listener", "route", "mode")),
+    ("connections_rejected", "poise_connections_rejected",
+     "Client connections closed as accepted: a connection limit was reached.",
+     ("listener", "reason")),
+    ("rate_limit_evictions", "poise_rate_limit_evictions",
+     "Keys still limited that the full rate-limit table forgot (then admitted afresh).",
+     ()),
+    ("redis_errors", "poise_rate_limit_redis_errors",
+     "Round trips to a global rate limit's Redis that failed or timed out.", ("redis",)),
+    ("redis_fallbacks", "poise_rate_limit_redis_fallbacks",
+     "Requests a global rate limit answered per on_redis_error (Redis unreachable).",
+     ("limit",)),
 )
 _GAUGES = (
     ("open", "poise_connections_active", "Client connections open.", ("listener",)),
@@ -126,6 +140,7 @@ class _Collector(Collector):
                 family.add_metric(list(label_values), value)
             yield family
         yield from self._backends(gauges)
+        yield from self._redis(gauges)
         yield from self._process()
 
     def _requests(self) -> Iterable[object]:
@@ -189,6 +204,21 @@ class _Collector(Collector):
             source_up.add_metric([cluster], 1 if on else 0)
             updates.add_metric([cluster], count)
         yield from (source_up, updates)
+
+    def _redis(self, gauges: dict) -> Iterable[object]:
+        up: dict[str, float] = {}     # by Redis URL
+        for key in gauges:
+            if key[0] == "redis_down":
+                up[str(key[1])] = 0.0
+            elif key[0] == "redis_up":
+                up.setdefault(str(key[1]), 1.0)
+        family = GaugeMetricFamily("poise_rate_limit_redis_up", "1 while every worker "
+                                   "reaches this Redis of global rate limits (0: "
+                                   "on_redis_error applies in at least one).",
+                                   labels=("redis",))
+        for redis, value in sorted(up.items()):
+            family.add_metric([redis], value)
+        yield family
 
     def _process(self) -> Iterable[object]:
         state = self.state

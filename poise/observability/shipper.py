@@ -13,11 +13,14 @@ tuples whose first item names the series (JSON turns them into lists)::
     ("upstream_seconds", cluster, backend)     ("connect_errors", cluster, backend)
     ("timeouts", cluster, backend)  ("ejections", cluster, backend)
     ("retries", cluster)  ("overflow", cluster, limit)  ("access_log_dropped",)
+    ("rate_limited", listener, route, mode)  ("connections_rejected", listener, reason)
+    ("rate_limit_evictions",)  ("redis_errors", redis)  ("redis_fallbacks", limit)
 
 Gauges, whole each time::
 
     ("open", listener)  ("in_flight", cluster, backend)  ("idle", cluster, backend)
     ("active", cluster, backend)  ("ejected", cluster, backend)  ("panic", cluster)
+    ("redis_up", redis)  ("redis_down", redis)
 
 A counter that went down belongs to an object built anew (a backend removed and
 added again): its whole value is the delta.  Counts of an object removed by a reload
@@ -74,7 +77,31 @@ def counters(server: ProxyServer) -> Flat:
     for name, cluster in server.clusters.items():
         _cluster_counters(flat, name, cluster)
     _add(flat, ("access_log_dropped",), server.access_logs.dropped)
+    _limit_counters(flat, server)
     return flat
+
+
+def _limit_counters(flat: Flat, server: ProxyServer) -> None:
+    limiters = server.limiters
+    for route in limiters.routes:
+        _add(flat, ("rate_limited", route.listener, route.label, "enforce"), route.denied)
+        _add(flat, ("rate_limited", route.listener, route.label, "shadow"), route.shadowed)
+    for name, guard in limiters.guards.items():
+        _add(flat, ("connections_rejected", name, "max_connections"), guard.rejected_total)
+        _add(flat, ("connections_rejected", name, "max_connections_per_ip"),
+             guard.rejected_per_ip)
+    _add(flat, ("rate_limit_evictions",), server.shared.rates.evictions)
+    for remote in limiters.remotes():
+        _add(flat, ("redis_fallbacks", remote.name), remote.book.fallbacks)
+    for redis, store in _redis_stores(server).items():
+        _add(flat, ("redis_errors", redis), store.errors)
+
+
+def _redis_stores(server: ProxyServer) -> dict[str, Any]:
+    """The Redis stores of the global limits, by URL (password hidden)."""
+    from poise.ratelimit.redis_store import redact
+
+    return {redact(remote.store.url): remote.store for remote in server.limiters.remotes()}
 
 
 def _site_counters(flat: Flat, site: Site) -> None:
@@ -122,6 +149,8 @@ def gauges(server: ProxyServer) -> Flat:
             _add(flat, ("active", name, address), pool.active)
             ejected = HealthFlag.OUTLIER_EJECTED in cluster.health.flags(pool.backend)
             _add(flat, ("ejected", name, address), 1 if ejected else 0)
+    for redis, store in _redis_stores(server).items():
+        _add(flat, ("redis_up" if store.up else "redis_down", redis), 1)
     return flat
 
 

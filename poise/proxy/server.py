@@ -14,6 +14,8 @@ from poise.observability.access_log import AccessLogger, AccessLogs
 from poise.observability.tracing import Tracer
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
+from poise.proxy.ratelimits import Limiters
+from poise.ratelimit.shared import SharedState
 
 log = logging.getLogger("poise")
 _SWEEP_INTERVAL = 1.0
@@ -29,12 +31,20 @@ class ProxyServer:
 
     ``members`` gives clusters their backends as the control plane sees them (by
     cluster name; a cluster absent from it takes the backends of its config, all up).
+    ``shared``: the memory this worker shares with the others of its poise (rate-limit
+    table, connection counts); None: a private one (a single process).
     """
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
-                 members: Mapping[str, Sequence[Member]] | None = None) -> None:
+                 members: Mapping[str, Sequence[Member]] | None = None,
+                 shared: SharedState | None = None) -> None:
         self.config = config
         self.loop = loop
+        self.shared = shared or SharedState.create(config.rate_limit_table_slots,
+                                                   shareable=False)
+        self.shared.set_workers(config.workers)
+        self.limiters = Limiters(self.shared)
+        self.limiters.begin([spec.name for spec in config.listeners])
         members = members or {}
         self.clusters = {c.name: ClusterRuntime(c, loop, members.get(c.name))
                          for c in config.clusters}
@@ -42,8 +52,10 @@ class ProxyServer:
         self.access_logs.configure(config)
         self.tracer: Tracer | None = Tracer(config.tracing) if config.tracing else None
         self.sites: dict[tuple[str, int], Site] = {
-            bind_key(spec.bind): Site(spec, self.clusters, loop, *self._observers(spec))
+            bind_key(spec.bind): Site(spec, self.clusters, loop, *self._observers(spec),
+                                      limiters=self.limiters)
             for spec in config.listeners}
+        self.limiters.end()
         self.servers: dict[tuple[str, int], asyncio.Server] = {}
         # Sites of removed listeners whose connections are still finishing.
         self.retiring: list[Site] = []
@@ -112,7 +124,10 @@ class ProxyServer:
         self.config = config
         if config.tracing != old_config.tracing:
             self._replace_tracer(Tracer(config.tracing) if config.tracing else None)
+        self.shared.set_workers(config.workers)
+        self.limiters.begin([spec.name for spec in config.listeners])
         problems = await self._apply_listeners(config)
+        self.limiters.end()
         for name, runtime in old_clusters.items():
             if name not in clusters:
                 runtime.stop()
@@ -124,9 +139,11 @@ class ProxyServer:
         for key, spec in wanted.items():
             site = self.sites.get(key)
             if site is not None:
-                site.configure(spec, self.clusters, *self._observers(spec))
+                site.configure(spec, self.clusters, *self._observers(spec),
+                               limiters=self.limiters)
                 continue
-            self.sites[key] = Site(spec, self.clusters, self.loop, *self._observers(spec))
+            self.sites[key] = Site(spec, self.clusters, self.loop, *self._observers(spec),
+                                   limiters=self.limiters)
             try:
                 await self._bind(spec)
             except OSError as e:
@@ -222,6 +239,7 @@ class ProxyServer:
         for cluster in self.clusters.values():
             cluster.stop()
         await self.access_logs.close()
+        self.limiters.close()
         if self.tracer is not None:
             await self.loop.run_in_executor(None, self.tracer.shutdown)
         return clean

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 from poise.core.health import HealthFlag
 from poise.proxy.http.accounting import Counts, Tries
+from poise.proxy.ratelimits import Limiters
+from poise.ratelimit.shared import SharedState
 
 
 def fake_server():
@@ -19,7 +21,9 @@ def fake_server():
     health = SimpleNamespace(ejections={}, panic=False, flags=lambda b: HealthFlag(0))
     cluster = SimpleNamespace(retries=0, limits=None, health=health, pools={backend: pool},
                               _retired=[])
+    shared = SharedState.create(1024, shareable=False)
     server = SimpleNamespace(sites={("127.0.0.1", 1): site}, retiring=[],
                              clusters={"app": cluster},
-                             access_logs=SimpleNamespace(dropped=0))
+                             access_logs=SimpleNamespace(dropped=0),
+                             shared=shared, limiters=Limiters(shared))
     return server, site, pool

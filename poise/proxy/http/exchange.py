@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
-from poise.errors import NoRoute, Overloaded, PoiseError, UpstreamProtocolError, UpstreamTimeout
+from poise.errors import (
+    NoRoute,
+    Overloaded,
+    PoiseError,
+    RateLimited,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
@@ -36,6 +43,7 @@ from poise.proxy.http.resilience import (
 
 if TYPE_CHECKING:
     from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.router import RouteTarget
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
@@ -139,14 +147,27 @@ class Exchange(RequestHead):
     # -- phase 1: route and pick ---------------------------------------------------------
 
     def start(self) -> None:
-        """Route, admit (cluster limits), pick a backend, then send."""
+        """Route, apply the route's rate limits, then :meth:`proceed`."""
         site = self.client.site
         self.route_name = ""
         if site.tracer is not None:
             start_trace(self, site.tracer)
         try:
-            cluster = self.cluster = site.router.catch_all or self._route()
+            target = site.router.catch_all or self._route()
+            cluster = self.cluster = target.cluster
             self.route_name = cluster.name
+            limits = target.limits
+            if limits is not None and not limits.check(self, 0, self.began):
+                return      # a global limit asks Redis first: it calls proceed()
+        except PoiseError as e:
+            self.respond_error(e)
+            return
+        self.proceed()
+
+    def proceed(self) -> None:
+        """Admit (cluster limits), pick a backend, then send."""
+        cluster = self.cluster
+        try:
             if cluster.guarded:
                 admit(self, cluster)
             pool = self.pool = cluster.choose(self)
@@ -181,18 +202,18 @@ class Exchange(RequestHead):
             begin_try(self)
             open_connection(self)
 
-    def _route(self) -> ClusterRuntime:
+    def _route(self) -> RouteTarget:
         path = self.target.split(b"?", 1)[0]
         host = (self.host or b"").lower()
         if host.startswith(b"["):
             host = host[: host.find(b"]") + 1]
         else:
             host = host.split(b":", 1)[0]
-        cluster = self.client.site.router.match(self.method, path, host, self.pairs())
-        if cluster is None:
+        target = self.client.site.router.match(self.method, path, host, self.pairs())
+        if target is None:
             raise NoRoute(f"no route for {host.decode(errors='replace')}"
                           f"{path.decode(errors='replace')}")
-        return cluster
+        return target
 
     def context(self) -> RequestContext:
         """The request as balancing policies see it (built only for those that look)."""
@@ -399,8 +420,11 @@ class Exchange(RequestHead):
         client = self.client
         close = not self.keep_alive or body_pending or (client.draining and not client.queue)
         self.keep_alive = not close
-        extra = b"x-poise-limit: %s\r\n" % error.limit.encode() \
-            if isinstance(error, Overloaded) else b""
+        extra = b""
+        if isinstance(error, Overloaded):
+            extra = b"x-poise-limit: %s\r\n" % error.limit.encode()
+        elif isinstance(error, RateLimited):
+            extra = error.headers
         self.status = status_of(error)
         self._out.append(error_response(self.status, close, self.head_only, extra))
         self.response_head_sent = True

@@ -56,7 +56,7 @@ class ClientConnection:
     __slots__ = ("site", "loop", "transport", "peer_ip", "forwarded", "parser", "deadline",
                  "current", "queue", "draining", "closed", "write_paused", "_parsing",
                  "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
-                 "_upgrade_body", "_idle")
+                 "_upgrade_body", "_idle", "_guard", "_held")
 
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -64,6 +64,10 @@ class ClientConnection:
         self.transport: Any = None     # an asyncio.Transport once connected
         self.peer_ip = b""
         self.forwarded = b""
+        # The connection guard (limits) that admitted this connection, and the count
+        # buckets it holds there until it closes.
+        self._guard: Any = None
+        self._held: tuple[int, int] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = Deadline(site.loop, self._timed_out)
         self.current: Exchange | None = None
@@ -88,6 +92,14 @@ class ClientConnection:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
+        guard = self.site.guard
+        if guard is not None:
+            self._held = guard.admit(self.peer_ip)
+            if self._held is None:      # over max_connections(_per_ip): closed at once
+                self.closed = True
+                transport.close()
+                return
+            self._guard = guard
         # X-Forwarded-For/-Proto for requests that bring none of their own.
         self.forwarded = (b"x-forwarded-for: " + self.peer_ip + b"\r\n" + self.site.xfp
                           if self.site.forwarded_headers else b"")
@@ -100,6 +112,10 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._guard.release(held)
         self.deadline.cancel()
         self.site.connections.discard(self)
         if self.current is not None:

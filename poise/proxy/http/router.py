@@ -15,15 +15,35 @@ from poise.config.model import Match, Route
 Predicate = Callable[[bytes, bytes, bytes, list], bool]
 
 
+class RouteTarget:
+    """Where a route leads: its cluster's runtime, and its rate limits (a
+    :class:`~poise.proxy.http.limiting.RouteLimits`, or None)."""
+
+    __slots__ = ("cluster", "limits")
+
+    def __init__(self, cluster: Any, limits: Any = None) -> None:
+        self.cluster = cluster
+        self.limits = limits
+
+    def __repr__(self) -> str:
+        return f"<RouteTarget {self.cluster!r} limits={self.limits!r}>"
+
+
 class Router:
-    """Maps a request to the first route whose conditions all hold."""
+    """Maps a request to the first route whose conditions all hold.
+
+    ``targets``: what a route leads to, by cluster name; or, when ``per_route`` is
+    given, per route (in order)."""
 
     __slots__ = ("_table", "catch_all")
 
-    def __init__(self, routes: Sequence[Route], targets: dict[str, Any]) -> None:
-        self._table = [(_compile(r.match), targets[r.cluster]) for r in routes]
+    def __init__(self, routes: Sequence[Route], targets: dict[str, Any],
+                 per_route: Sequence[Any] | None = None) -> None:
+        chosen = list(per_route) if per_route is not None else [targets[r.cluster]
+                                                                 for r in routes]
+        self._table = [(_compile(r.match), t) for r, t in zip(routes, chosen, strict=True)]
         first = routes[0].match
-        self.catch_all = targets[routes[0].cluster] if first is None or _empty(first) else None
+        self.catch_all = chosen[0] if first is None or _empty(first) else None
 
     def match(self, method: bytes, path: bytes, host: bytes, headers: list) -> Any:
         """The target of the first matching route, or None. ``host`` is lower-case

@@ -11,7 +11,7 @@ from poise.config.model import Listener
 from poise.observability.access_format import AccessLogger
 from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
-from poise.proxy.http.router import Router
+from poise.proxy.http.router import Router, RouteTarget
 
 __all__ = ["ClusterRuntime", "Site"]
 
@@ -25,7 +25,8 @@ class Site:
 
     def __init__(self, spec: Listener, clusters: dict[str, ClusterRuntime],
                  loop: asyncio.AbstractEventLoop, counting: bool = True,
-                 access_log: AccessLogger | None = None, tracer: Any = None) -> None:
+                 access_log: AccessLogger | None = None, tracer: Any = None,
+                 limiters: Any = None) -> None:
         self.loop = loop
         self.connections: set = set()
         # Counters since the listener was bound (poise.proxy.http.accounting): per
@@ -37,22 +38,30 @@ class Site:
         self.accepted = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.configure(spec, clusters, counting, access_log, tracer)
+        self.configure(spec, clusters, counting, access_log, tracer, limiters)
 
     def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime],
                   counting: bool = True, access_log: AccessLogger | None = None,
-                  tracer: Any = None) -> None:
+                  tracer: Any = None, limiters: Any = None) -> None:
         """Take ``spec``'s settings and routes (to the runtimes in ``clusters``).
 
         ``counting``: count each response by status and latency (``metrics.enabled``);
         ``access_log``: an :class:`~poise.observability.access_format.AccessLogger` or
         None (a native call: both are compiled);
-        ``tracer``: a :class:`~poise.observability.tracing.Tracer` or None."""
+        ``tracer``: a :class:`~poise.observability.tracing.Tracer` or None;
+        ``limiters``: a :class:`~poise.proxy.ratelimits.Limiters` (rate and connection
+        limits) or None (none)."""
         self.name = spec.name
         self.counting = counting
         self.access_log = access_log
         self.tracer = tracer
-        self.router = Router(spec.routes, clusters)
+        limits = limiters.route_limits(spec) if limiters is not None else [None] * len(
+            spec.routes)
+        self.router = Router(spec.routes, clusters, [
+            RouteTarget(clusters[route.cluster], limit)
+            for route, limit in zip(spec.routes, limits, strict=True)])
+        # A ConnectionGuard (max_connections, max_connections_per_ip) or None.
+        self.guard = limiters.guard(spec) if limiters is not None else None
         self.header_timeout = spec.client_header_timeout
         self.idle_timeout = spec.client_idle_timeout
         self.max_request_line = spec.max_request_line
