@@ -84,16 +84,19 @@ RESILIENCE = """\
 
 def poise(root: Path, port: int, backends: list[int], cmd: str,
           resilience: bool = False, workers: int = 1,
-          admin_port: int | None = None, extra: str = "", tag: str = "") -> list[str]:
+          admin_port: int | None = None, extra: str = "", tag: str = "",
+          listener_extra: str = "") -> list[str]:
     """poise: `<cmd> CONFIG` with a round-robin YAML config of ``workers`` workers;
     ``resilience`` adds an active health check and outlier detection, ``admin_port``
     the admin API on that loopback port, ``extra`` top-level YAML lines (metrics,
-    access_log, tracing; ``tag`` names the config file after them)."""
+    access_log, tracing; ``tag`` names the config file after them), ``listener_extra``
+    lines of the listener (indented by 4: rate limits)."""
     servers = "\n".join(f"      - address: 127.0.0.1:{p}" for p in backends)
     name = f"poise-{'checks' if resilience else 'plain'}-{workers}w{tag}.yaml"
     admin = f"admin: {{bind: 127.0.0.1:{admin_port}}}\n" if admin_port else ""
     conf = render("poise.yaml", root / name, port=port, servers=servers, workers=workers,
-                  admin=admin, resilience=RESILIENCE if resilience else "", extra=extra)
+                  admin=admin, resilience=RESILIENCE if resilience else "", extra=extra,
+                  listener_extra=listener_extra)
     return shlex.split(cmd) + [str(conf)]
 
 

@@ -9,7 +9,8 @@ the interpreter work poise adds on top of the syscalls (which `make bench` cover
 ``--resilience`` adds an (unstarted) health check and outlier detection to the cluster:
 the per-request cost of having them configured.  ``--no-metrics`` turns per-request
 counting off (``metrics: {enabled: false}``); ``--access-log`` writes a JSON access log
-to a temporary file (through its writer thread, as poise does).
+to a temporary file (through its writer thread, as poise does); ``--rate-limit`` puts
+a local rate limit (client_ip, never reached) on the listener: its per-request cost.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from poise.observability.access_log import AccessLogs
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 from poise.proxy.http.upstream import UpstreamConnection
+from poise.proxy.ratelimits import Limiters
+from poise.ratelimit.shared import SharedState
 
 CONFIG = """
 listeners: [{name: web, bind: "127.0.0.1:1", routes: [{cluster: app}]}]
@@ -64,7 +67,7 @@ class MemoryTransport:
 
 
 def main(iterations: int, resilience: bool = False, counting: bool = True,
-         access_log: bool = False) -> None:
+         access_log: bool = False, rate_limit: bool = False) -> None:
     loop = uvloop.new_event_loop()
     text = CONFIG
     if resilience:
@@ -72,11 +75,17 @@ def main(iterations: int, resilience: bool = False, counting: bool = True,
                               + RESILIENCE.strip().replace("\n    ", ", ") + ",")
     if access_log:
         text += f"access_log: {{format: json, path: {tempfile.mkdtemp()}/access.log}}\n"
+    if rate_limit:
+        text = text.replace("routes: [{cluster: app}]",
+                            "rate_limit: {rate: 1000000000/s}, routes: [{cluster: app}]")
     config = parse_config(text)
+    limiters = Limiters(SharedState.create(config.rate_limit_table_slots, shareable=False))
+    limiters.begin(["web"])
     clusters = {c.name: ClusterRuntime(c, loop) for c in config.clusters}
     logs = AccessLogs(loop)
     logs.configure(config)
-    site = Site(config.listeners[0], clusters, loop, counting, logs.for_listener("web"))
+    site = Site(config.listeners[0], clusters, loop, counting, logs.for_listener("web"),
+                limiters=limiters)
     upstreams = {}
     for backend, pool in clusters["app"].pools.items():
         conn = UpstreamConnection(pool)
@@ -108,4 +117,4 @@ def main(iterations: int, resilience: bool = False, counting: bool = True,
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     main(int(args[0]) if args else 200_000, "--resilience" in sys.argv,
-         "--no-metrics" not in sys.argv, "--access-log" in sys.argv)
+         "--no-metrics" not in sys.argv, "--access-log" in sys.argv, "--rate-limit" in sys.argv)

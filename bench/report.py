@@ -164,6 +164,34 @@ def observability_costs(samples: list[dict]) -> list[dict]:
     return out
 
 
+# (label, proxy, reference, budget µs): what a rate limit adds per request, as the
+# difference of CPU µs per request round by round (issue 12's budgets).
+RATE_LIMITS = (
+    ("local rate limit (client_ip, shared table) − none", "poise+limit", "poise", 1.0),
+    ("global rate limit (Redis leases) − none", "poise+global", "poise", 10.0),
+)
+
+
+def paired_cpu_differences(samples: list[dict], name: str, ref: str) -> list[float]:
+    """``name``'s CPU µs/request − ``ref``'s, per round of the small phase."""
+    by_round: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s["phase"] == "small" and s["ok"] and s["proxy"] in (name, ref):
+            by_round.setdefault(s["round"], {})[s["proxy"]] = s["cpu_us_per_req"]
+    return [r[name] - r[ref] for _, r in sorted(by_round.items()) if name in r and ref in r]
+
+
+def rate_limit_costs(samples: list[dict]) -> list[dict]:
+    """Per-round and median CPU µs/request added by each RATE_LIMITS variant measured."""
+    out = []
+    for label, name, ref, budget in RATE_LIMITS:
+        diffs = paired_cpu_differences(samples, name, ref)
+        if diffs:
+            out.append({"label": label, "diffs": diffs, "median": median(diffs),
+                        "budget": budget})
+    return out
+
+
 def floor_gap(small: dict) -> dict | None:
     """poise's own logic per request (poise − httptools-relay, µs) next to what the
     CPU bar leaves for it (CPU_BAR × HAProxy − httptools-relay); None if any is missing."""
@@ -241,6 +269,13 @@ def render_markdown(result: dict) -> str:
         lines += [f"- {c['label']}: {', '.join(f'{r:.3f}×' for r in c['ratios'])}; median "
                   f"{c['median']:.3f}×" + (f" (budget ≤ {c['budget']}×)" if c["budget"] else "")
                   for c in costs]
+        lines.append("")
+    limits = summary.get("rate_limits") or []
+    if limits:
+        lines += ["Rate-limit costs (CPU µs/req added, per round in the same round; median):",
+                  ""]
+        lines += [f"- {c['label']}: {', '.join(f'{d:+.2f}' for d in c['diffs'])}; median "
+                  f"{c['median']:+.2f} µs (budget ≤ {c['budget']:g} µs)" for c in limits]
         lines.append("")
     shares = result.get("poise_workers")
     if shares:

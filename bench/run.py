@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
+import time
 import urllib.request
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -47,7 +49,16 @@ OBSERVED = {
     "poise+log": "access_log: {format: json, path: $root/access.log}\n",
     "poise+trace": "tracing: {otlp_endpoint: \"http://127.0.0.1:$sink\", sample_ratio: 1.0}\n",
 }
-PROXIES = ("poise", *OBSERVED, "poise+checks", "poise-2w", "haproxy", "nginx", *FLOORS)
+# poise+limit, poise+global: a client_ip rate limit on the listener that the load never
+# reaches (every request is checked and admitted), local (the table all workers share)
+# and global (leases from a Redis the bench starts): their cost per request (issue 12).
+LIMITED = {
+    "poise+limit": "    rate_limit: {rate: 1000000000/s}\n",
+    "poise+global": "    rate_limit: {rate: 1000000000/s, burst: 1000000, scope: global, "
+                    "redis: \"redis://127.0.0.1:$redis/0\"}\n",
+}
+PROXIES = ("poise", *OBSERVED, *LIMITED, "poise+checks", "poise-2w", "haproxy", "nginx",
+           *FLOORS)
 STREAM_CONNECTIONS = 4
 # poise-2w's admin API listens this far above its proxy port.
 ADMIN_OFFSET = 500
@@ -105,6 +116,29 @@ def start_service(stack: ExitStack, name: str, argv: list[str], root: Path,
     return svc
 
 
+def start_redis(stack: ExitStack, root: Path, port: int, timeout: float) -> procs.Service:
+    """The Redis of poise+global (it does not speak HTTP: ready when it answers PING)."""
+    svc = procs.Service("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                  "--save", "", "--appendonly", "no", "--dir", str(root)],
+                        root / "redis.log")
+    stack.callback(svc.stop)
+    svc.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not svc.alive():
+            raise SystemExit(f"!! redis did not answer PING on port {port}:\n{svc.log_tail()}")
+        time.sleep(0.1)
+    log(f"#   redis ready (pid {svc.pid}) on port {port}")
+    return svc
+
+
 def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> list[str]:
     """Write the proxy's config and return its command line."""
     if name == "poise-2w":
@@ -115,6 +149,10 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
             "$sink", str(getattr(args, "sink_port", 0)))
         return configs.poise(root, port, backends, args.poise_cmd, extra=extra,
                              tag=name.removeprefix("poise"))
+    if name in LIMITED:
+        return configs.poise(root, port, backends, args.poise_cmd,
+                             tag=name.removeprefix("poise"), listener_extra=LIMITED[name].replace(
+                                 "$redis", str(getattr(args, "redis_port", 0))))
     if name.startswith("poise"):
         return configs.poise(root, port, backends, args.poise_cmd,
                              resilience=name == "poise+checks")
@@ -195,7 +233,7 @@ def run_phase(phase: str, running: dict, backend, args, samples: list, failures:
         order = list(running.items())
         for name, (svc, port) in (order if rnd % 2 else order[::-1]):
             if phase == "stream" and (name in ("poise+checks", "poise-2w") or name in FLOORS
-                                      or name in OBSERVED):
+                                      or name in OBSERVED or name in LIMITED):
                 continue    # per-request costs only: streaming is the same data path
             if drop_if_dead(name, svc, running, failures):
                 continue
@@ -234,6 +272,9 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
         start_service(stack, "otlp-sink", [sys.executable, str(BENCH_DIR / "otlp_sink.py"),
                                            str(args.sink_port)], root, [args.sink_port],
                       args.start_timeout)
+    if "poise+global" in args.only:
+        args.redis_port = procs.pick_ports(1, base=args.base_port + 60)[0]
+        start_redis(stack, root, args.redis_port, args.start_timeout)
     failures, samples = result["failures"], result["samples"]
     running = start_proxies(stack, root, proxy_ports, backends, args, failures)
     warm_up(running, args, failures)
@@ -263,6 +304,7 @@ def finish(args, result: dict) -> int:
                          "cpu_verdict": report.cpu_verdict(small),
                          "paired_cpu_ratios": report.paired_cpu_ratios(samples),
                          "observability": report.observability_costs(samples),
+                         "rate_limits": report.rate_limit_costs(samples),
                          "floor_gap": report.floor_gap(small)}
     markdown = report.render_markdown(result)
     print(markdown)

@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 
 def _check_rate(value: object) -> str:
-    parse_rate(value)   # type: ignore[arg-type]
+    parse_rate(value)       # (a str, or ValueError)
     return str(value).strip()
 
 

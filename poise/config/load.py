@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,27 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
             if isinstance(cluster, str) and cluster not in clusters:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
                                f"unknown cluster {cluster!r}"))
+        errors.extend(_rate_limit_errors(f"listeners[{i}]", lst))
     errors.extend(_admin_errors(data.get("admin"), binds))
     errors.extend(_observability_errors(data))
+    return errors
+
+
+def _rate_limit_errors(path: str, listener: dict[str, Any]) -> list[tuple[str, str]]:
+    """Global rate limits need Redis' client (the ``[redis]`` extra)."""
+    places = [(f"{path}.rate_limit", listener.get("rate_limit"))]
+    places += [(f"{path}.routes[{j}].rate_limit", r.get("rate_limit"))
+               for j, r in _items(listener, "routes")]
+    errors = []
+    for where, limits in places:
+        limits = [limits] if isinstance(limits, dict) else limits
+        if not isinstance(limits, list):
+            continue
+        for k, limit in enumerate(limits):
+            if isinstance(limit, dict) and limit.get("scope") == "global" \
+                    and importlib.util.find_spec("redis") is None:
+                errors.append((f"{where}[{k}].scope", "scope: global needs Redis' client: "
+                                                      "pip install 'poise[redis]'"))
     return errors
 
 

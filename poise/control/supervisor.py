@@ -74,18 +74,19 @@ async def serve_here(config: Config, path: str | None,
     plane = ControlPlane(config, path, loop)
     agent = WorkerAgent(loop)
     server = agent.build(plane.state_message())
+    plane.attach(LocalFleet(agent))
+    # Before binding: a client that sees the port open may signal us at once.
+    stop = _stop_signals(loop, plane)
     try:
         await server.start(reuse_port=True)
     except OSError as e:
         print(f"poise: cannot bind: {e.strerror or e}", file=sys.stderr)
         return 1
-    plane.attach(LocalFleet(agent))
     admin = await _start_admin(plane, config)
     if admin is False:
         await server.shutdown(0)
         return 1
     plane.start()
-    stop = _stop_signals(loop, plane)
     loop.add_signal_handler(signal.SIGUSR1, _reopen_on_signal, server.access_logs.reopen)
     if on_ready is not None:
         on_ready(server)

@@ -33,12 +33,21 @@ def route_label(route: Route) -> str:
     return route.name or route.cluster
 
 
-def limit_name(spec: RateLimit, listener: str, route: Route | None, index: int) -> str:
-    """``name`` or one derived from where the limit is written."""
+def limit_name(spec: RateLimit, listener: str, route: str | None, index: int) -> str:
+    """``name`` or one derived from where the limit is written (``route``: the route's
+    label, see :func:`route_places`)."""
     if spec.name:
         return spec.name
-    where = listener if route is None else f"{listener}.{route_label(route)}"
+    where = listener if route is None else f"{listener}.{route}"
     return f"{where}.{index}"
+
+
+def route_places(spec: Listener) -> list[str]:
+    """Each route's label, followed by ``#N`` (its position) when another route of the
+    listener has the same label: default limit names must not collide."""
+    labels = [route_label(r) for r in spec.routes]
+    return [label if labels.count(label) == 1 else f"{label}#{i}"
+            for i, label in enumerate(labels)]
 
 
 class Limiters:
@@ -62,9 +71,9 @@ class Limiters:
         trust = TrustedProxies(spec.trusted_proxies) if spec.trusted_proxies else None
         inherited = self._rules(spec.rate_limit or [], spec.name, None)
         out: list[RouteLimits | None] = []
-        for route in spec.routes:
+        for route, place in zip(spec.routes, route_places(spec), strict=True):
             rules = inherited if route.rate_limit is None else \
-                self._rules(route.rate_limit, spec.name, route)
+                self._rules(route.rate_limit, spec.name, place)
             if not rules:
                 out.append(None)
                 continue
@@ -77,13 +86,14 @@ class Limiters:
             out.append(limits)
         return out
 
-    def _rules(self, specs: list[RateLimit], listener: str, route: Route | None) -> list[Rule]:
+    def _rules(self, specs: list[RateLimit], listener: str, route: str | None) -> list[Rule]:
         return [self._rule(s, limit_name(s, listener, route, i)) for i, s in enumerate(specs)]
 
     def _rule(self, spec: RateLimit, name: str) -> Rule:
         count, seconds = parse_rate(spec.rate)
         burst = spec.burst_size()
-        identity = (name, spec.key, spec.rate, burst, spec.scope, spec.redis)
+        identity = (name, spec.key, spec.rate, burst, spec.scope, spec.redis,
+                    spec.redis_timeout, spec.on_redis_error)
         if spec.key == "client_ip":
             kind, header, const_of = CLIENT_IP, b"", ""
         elif spec.key.startswith("header:"):

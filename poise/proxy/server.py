@@ -125,6 +125,10 @@ class ProxyServer:
         if config.tracing != old_config.tracing:
             self._replace_tracer(Tracer(config.tracing) if config.tracing else None)
         self.shared.set_workers(config.workers)
+        if config.rate_limit_table_slots != self.shared.slots:
+            log.warning("rate_limit_table_slots %d takes effect at the next start (the "
+                        "shared table keeps %d slots)", config.rate_limit_table_slots,
+                        self.shared.slots)
         self.limiters.begin([spec.name for spec in config.listeners])
         problems = await self._apply_listeners(config)
         self.limiters.end()

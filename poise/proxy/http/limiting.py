@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from xxhash import xxh3_64_intdigest
 
-from poise.core.ratelimit import RateTable
+from poise.core.ratelimit import RateTable, limit_ns
 from poise.errors import PoiseError, RateLimited
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ class Rule:
         self.kind = kind
         self.header = header
         self.seed = seed
-        self.interval = 1.0 / per_second
-        self.span = burst * self.interval
+        # Nanoseconds (the shared table's unit).
+        self.interval, self.span = limit_ns(per_second, burst)
         self.shadow = shadow
         self.table = table
         self.remote = remote
@@ -58,14 +58,15 @@ class Rule:
         self.policy = b'ratelimit-policy: "%s";q=%d;w=%d\r\n' % (name.encode(), count, window)
 
     def denial(self, wait: float) -> RateLimited:
+        """The 429 for a request that may retry in ``wait`` seconds."""
         seconds = max(1, ceil(wait))
         return RateLimited(self.policy + b'ratelimit: "%s";r=0;t=%d\r\nretry-after: %d\r\n'
                            % (self.name.encode(), seconds, seconds))
 
     def __repr__(self) -> str:
         where = "global" if self.remote is not None else "local"
-        return (f"<Rule {self.name} {where} {1 / self.interval:g}/s "
-                f"burst={round(self.span / self.interval)}{' shadow' if self.shadow else ''}>")
+        return (f"<Rule {self.name} {where} {1e9 / self.interval:g}/s "
+                f"burst={self.span // self.interval}{' shadow' if self.shadow else ''}>")
 
 
 class RouteLimits:
@@ -95,10 +96,11 @@ class RouteLimits:
         self.trust = trust
 
     def check(self, ex: Exchange, first: int, now: float) -> bool:
-        """Apply rules ``first``.. to ``ex``: True when every one admits it; raises
-        RateLimited when one denies; False when a global rule parked it (``resume``
-        is called later)."""
+        """Apply rules ``first``.. to ``ex`` at ``now`` (``time.monotonic()``): True
+        when every one admits it; raises RateLimited when one denies; False when a
+        global rule parked it (``resume`` is called later)."""
         rules = self.rules
+        now_ns = int(now * 1e9)
         for i in range(first, len(rules)):
             rule = rules[i]
             key = self.keys[i]
@@ -109,7 +111,7 @@ class RouteLimits:
                 table = rule.table
                 assert table is not None
                 h = self.hashes[i] if rule.kind == CONSTANT else xxh3_64_intdigest(key, rule.seed)
-                wait = table.take(h, now, rule.interval, rule.span)
+                wait = table.take(h, now_ns, rule.interval, rule.span) / 1e9
             else:
                 verdict = remote.take(key, now)
                 if verdict is None:

@@ -91,7 +91,17 @@ class ClientConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b"unix"
+        sock = transport.get_extra_info("socket")
+        if isinstance(peer, tuple):
+            self.peer_ip = peer[0].encode()
+        elif sock is not None and sock.family != socket.AF_UNIX:
+            # Reset before we could ask its address: nobody to answer, and a request
+            # it sent must not be served as an anonymous client's (rate limits).
+            self.closed = True
+            transport.close()
+            return
+        else:
+            self.peer_ip = b"unix"
         guard = self.site.guard
         if guard is not None:
             self._held = guard.admit(self.peer_ip)
@@ -103,7 +113,6 @@ class ClientConnection:
         # X-Forwarded-For/-Proto for requests that bring none of their own.
         self.forwarded = (b"x-forwarded-for: " + self.peer_ip + b"\r\n" + self.site.xfp
                           if self.site.forwarded_headers else b"")
-        sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.site.connections.add(self)
