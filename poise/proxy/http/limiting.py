@@ -143,6 +143,9 @@ class RouteLimits:
             ex.respond_error(e)
             return
         ex.proceed()
+        # Outside data_received, whose end would write what proceed() queued (the
+        # head, on an idle pooled connection).
+        ex.flush_upstream()
 
     def _request_key(self, ex: Exchange, rule: Rule) -> bytes:
         if rule.kind == CLIENT_IP:
