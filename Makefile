@@ -41,6 +41,8 @@ bench: install
 	$(BIN)/python bench/policies.py
 	$(BIN)/python bench/checks.py
 	$(BIN)/python bench/reload.py
+	$(BIN)/python bench/global_limit.py
+	$(BIN)/python bench/ratelimit_memory.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

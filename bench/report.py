@@ -132,16 +132,21 @@ def cpu_verdict(small: dict) -> dict | None:
     return {"ratio": ratio, "bar": CPU_BAR, "pass": ratio <= CPU_BAR}
 
 
-def paired_cpu_ratios(samples: list[dict], name: str = "poise",
-                      ref: str = "haproxy") -> list[float]:
-    """``name``'s CPU/request ÷ ``ref``'s, per round of the small phase (runs next to
-    each other in time share the machine's state, so their ratio is steadier)."""
+def paired_cpu(samples: list[dict], name: str, ref: str) -> list[tuple[float, float]]:
+    """``(name's, ref's)`` CPU µs/request per round of the small phase, for rounds that
+    measured both (runs next to each other in time share the machine's state, so their
+    ratio or difference is steadier than one of medians)."""
     by_round: dict[int, dict[str, float]] = {}
     for s in samples:
         if s["phase"] == "small" and s["ok"] and s["proxy"] in (name, ref):
             by_round.setdefault(s["round"], {})[s["proxy"]] = s["cpu_us_per_req"]
-    return [r[name] / r[ref] for _, r in sorted(by_round.items())
-            if name in r and r.get(ref)]
+    return [(r[name], r[ref]) for _, r in sorted(by_round.items()) if name in r and ref in r]
+
+
+def paired_cpu_ratios(samples: list[dict], name: str = "poise",
+                      ref: str = "haproxy") -> list[float]:
+    """``name``'s CPU/request ÷ ``ref``'s, per round of the small phase."""
+    return [a / b for a, b in paired_cpu(samples, name, ref) if b]
 
 
 # (label, proxy, reference, budget): the cost of each observability feature as the
@@ -151,19 +156,6 @@ OBSERVABILITY = (
     ("JSON access log to a file ÷ none", "poise+log", "poise", 1.25),
     ("tracing every request (sample_ratio 1.0) ÷ off", "poise+trace", "poise", None),
 )
-
-
-def observability_costs(samples: list[dict]) -> list[dict]:
-    """Per-round and median CPU/request ratios of the OBSERVABILITY pairs measured."""
-    out = []
-    for label, name, ref, budget in OBSERVABILITY:
-        ratios = paired_cpu_ratios(samples, name, ref)
-        if ratios:
-            out.append({"label": label, "ratios": ratios, "median": median(ratios),
-                        "budget": budget})
-    return out
-
-
 # (label, proxy, reference, budget µs): what a rate limit adds per request, as the
 # difference of CPU µs per request round by round (issue 12's budgets).
 RATE_LIMITS = (
@@ -172,24 +164,27 @@ RATE_LIMITS = (
 )
 
 
-def paired_cpu_differences(samples: list[dict], name: str, ref: str) -> list[float]:
-    """``name``'s CPU µs/request − ``ref``'s, per round of the small phase."""
-    by_round: dict[int, dict[str, float]] = {}
-    for s in samples:
-        if s["phase"] == "small" and s["ok"] and s["proxy"] in (name, ref):
-            by_round.setdefault(s["round"], {})[s["proxy"]] = s["cpu_us_per_req"]
-    return [r[name] - r[ref] for _, r in sorted(by_round.items()) if name in r and ref in r]
+def _costs(samples: list[dict], pairs: tuple, kind: str) -> list[dict]:
+    """Per-round values (``kind``: "ratios" or "diffs") and their median for each pair
+    of ``pairs`` measured."""
+    out = []
+    for label, name, ref, budget in pairs:
+        values = (paired_cpu_ratios(samples, name, ref) if kind == "ratios"
+                  else [a - b for a, b in paired_cpu(samples, name, ref)])
+        if values:
+            out.append({"label": label, kind: values, "median": median(values),
+                        "budget": budget})
+    return out
+
+
+def observability_costs(samples: list[dict]) -> list[dict]:
+    """Per-round and median CPU/request ratios of the OBSERVABILITY pairs measured."""
+    return _costs(samples, OBSERVABILITY, "ratios")
 
 
 def rate_limit_costs(samples: list[dict]) -> list[dict]:
     """Per-round and median CPU µs/request added by each RATE_LIMITS variant measured."""
-    out = []
-    for label, name, ref, budget in RATE_LIMITS:
-        diffs = paired_cpu_differences(samples, name, ref)
-        if diffs:
-            out.append({"label": label, "diffs": diffs, "median": median(diffs),
-                        "budget": budget})
-    return out
+    return _costs(samples, RATE_LIMITS, "diffs")
 
 
 def floor_gap(small: dict) -> dict | None:
