@@ -153,7 +153,7 @@ class Exchange(RequestHead):
         if site.tracer is not None:
             start_trace(self, site.tracer)
         try:
-            target = site.router.catch_all or self._route()
+            target: RouteTarget = site.router.catch_all or self._route()
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
             limits = target.limits

@@ -7,9 +7,13 @@ path skips matching entirely.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poise.config.model import Match, Route
+
+if TYPE_CHECKING:
+    from poise.proxy.http.cluster import ClusterRuntime
+    from poise.proxy.http.limiting import RouteLimits
 
 # (method, path, host, headers) → bool
 Predicate = Callable[[bytes, bytes, bytes, list], bool]
@@ -21,7 +25,7 @@ class RouteTarget:
 
     __slots__ = ("cluster", "limits")
 
-    def __init__(self, cluster: Any, limits: Any = None) -> None:
+    def __init__(self, cluster: ClusterRuntime, limits: RouteLimits | None = None) -> None:
         self.cluster = cluster
         self.limits = limits
 
