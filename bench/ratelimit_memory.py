@@ -69,7 +69,7 @@ def shared_table() -> None:
     before = tracemalloc.take_snapshot()
     now = time.monotonic_ns()
     for i in range(KEYS):
-        state.rates.take(rng.getrandbits(64), now + i * 1000, interval, span)
+        state.rates.take(rng.getrandbits(62), now + i * 1000, interval, span)
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     print(f"shared table: {state.slots:,} slots = {state.slots * 16 / MIB:.0f} MiB; "

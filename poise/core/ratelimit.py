@@ -31,8 +31,11 @@ from typing import Final
 
 __all__ = ["RateTable", "gcra", "limit_ns", "parse_rate", "table_bytes", "SLOT_BYTES", "WAYS"]
 
-# One slot: the key's 64-bit tag (0 = empty) and its TAT (unsigned 64-bit ns).
+# One slot: the key's tag (0 = empty) and its TAT (ns), two signed 64-bit integers.
 SLOT_BYTES: Final = 16
+# Keys are hashes of this many bits: below mypyc's native integer range (63 bits), so
+# the arithmetic on them never falls back to Python's big integers.
+KEY_BITS: Final = 62
 # Slots per bucket: a key may live in any of its bucket's WAYS slots (one cache line).
 WAYS: Final = 4
 NS: Final = 1_000_000_000
@@ -81,8 +84,8 @@ def table_bytes(slots: int) -> int:
 class RateTable:
     """TATs for up to ``slots`` keys (a power of two, >= WAYS) in ``buffer``.
 
-    A key is a 64-bit hash (the caller mixes the limit's identity into it, so many
-    limits share one table).  It lives in one of the WAYS slots of its bucket.  A key
+    A key is a hash of KEY_BITS bits (the caller mixes the limit's identity into it, so
+    many limits share one table).  It lives in one of the WAYS slots of its bucket.  A key
     not found takes an empty slot, or one whose TAT has passed (such a key is as good as
     absent: forgetting it changes no answer), or else the slot with the earliest TAT:
     that live key is *evicted* (counted in ``evictions``) and starts afresh next time,
@@ -104,13 +107,13 @@ class RateTable:
         if view.nbytes < table_bytes(slots):
             raise ValueError(f"buffer of {view.nbytes} bytes is too small for {slots} slots")
         view = view[: table_bytes(slots)]
-        self._tags = view.cast("Q")     # tag of slot i at 2*i, its TAT at 2*i + 1
+        self._tags = view.cast("q")     # tag of slot i at 2*i, its TAT at 2*i + 1
         self._mask = slots // WAYS - 1
         self.slots = slots
         self.evictions = 0
 
     def take(self, key: int, now: int, interval: int, span: int) -> int:
-        """Count one request of ``key`` (a 64-bit hash) at ``now``: 0 when admitted,
+        """Count one request of ``key`` (a KEY_BITS-bit hash) at ``now``: 0 when admitted,
         else the nanoseconds until one would be (a denied request records nothing).
         ``interval`` and ``span`` as :func:`limit_ns` gives them (span >= interval)."""
         tag = key | 1       # never 0, which marks an empty slot

@@ -35,17 +35,21 @@ def gcra(tat: float, now: float, interval: float, span: float) -> tuple[float, f
     return new / NS, wait / NS
 
 
+_KEY_MASK = (1 << ratelimit.KEY_BITS) - 1
+
+
 class RateTable:
-    """poise.core.ratelimit.RateTable in seconds."""
+    """poise.core.ratelimit.RateTable in seconds; 64-bit keys are cut to KEY_BITS bits
+    (as the data path's hashes are)."""
 
     def __init__(self, buffer, slots: int) -> None:
         self.table = ratelimit.RateTable(buffer, slots)
 
     def take(self, k: int, now: float, interval: float, span: float) -> float:
-        return self.table.take(k, _ns(now), _ns(interval), _ns(span)) / NS
+        return self.table.take(k & _KEY_MASK, _ns(now), _ns(interval), _ns(span)) / NS
 
     def peek(self, k: int) -> float | None:
-        tat = self.table.peek(k)
+        tat = self.table.peek(k & _KEY_MASK)
         return None if tat is None else tat / NS
 
     def clear(self) -> None:

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from xxhash import xxh3_64_intdigest
 
-from poise.core.ratelimit import RateTable, limit_ns
+from poise.core.ratelimit import KEY_BITS, RateTable, limit_ns
 from poise.errors import PoiseError, RateLimited
 
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
+
+_SHIFT = 64 - KEY_BITS
 
 # What a rule's key is.
 CLIENT_IP = 0
@@ -89,7 +91,7 @@ class RouteLimits:
             if rule.kind == CONSTANT:
                 key = (label if rule.const_of == "route" else cluster).encode()
             self.keys.append(key)
-            self.hashes.append(xxh3_64_intdigest(key, rule.seed) if key else 0)
+            self.hashes.append(_hash(key, rule.seed) if key else 0)
         self.denied = 0
         self.shadowed = 0
         # A TrustedProxies (poise.proxy.trust) or None: the TCP peer is the client.
@@ -110,7 +112,8 @@ class RouteLimits:
             if remote is None:
                 table = rule.table
                 assert table is not None
-                h = self.hashes[i] if rule.kind == CONSTANT else xxh3_64_intdigest(key, rule.seed)
+                h = self.hashes[i] if rule.kind == CONSTANT else \
+                    xxh3_64_intdigest(key, rule.seed) >> _SHIFT
                 wait = table.take(h, now_ns, rule.interval, rule.span) / 1e9
             else:
                 verdict = remote.take(key, now)
@@ -163,6 +166,11 @@ class RouteLimits:
     def __repr__(self) -> str:
         return (f"<RouteLimits {self.listener}/{self.label} rules={len(self.rules)} "
                 f"denied={self.denied} shadowed={self.shadowed}>")
+
+
+def _hash(key: bytes, seed: int) -> int:
+    """A key's hash in the shared table (KEY_BITS bits)."""
+    return xxh3_64_intdigest(key, seed) >> _SHIFT
 
 
 class _Resumption:
