@@ -11,11 +11,13 @@ from __future__ import annotations
 
 
 class PoiseError(Exception):
-    """Base of every poise error. ``status`` is the HTTP answer when one is still possible."""
+    """Base of every poise error. ``status`` is the HTTP answer when one is still
+    possible; ``headers`` are header lines that answer carries (``name: value\r\n``)."""
 
     status = 500
     source = "local"
     retryable = False
+    headers = b""
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.__class__.__doc__ or self.__class__.__name__)
@@ -109,6 +111,7 @@ class Overloaded(NoBackendAvailable):
     def __init__(self, limit: str, detail: str = "") -> None:
         super().__init__(detail or f"cluster limit reached: {limit}")
         self.limit = limit
+        self.headers = b"x-poise-limit: %s\r\n" % limit.encode()
 
 
 class RequestDeadlineExceeded(PoiseError):

@@ -10,7 +10,6 @@ book lives in this object, kept by the same identity.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from xxhash import xxh64_intdigest
@@ -22,7 +21,6 @@ from poise.proxy.http.limiting import CLIENT_IP, CONSTANT, HEADER, RouteLimits, 
 from poise.proxy.trust import TrustedProxies
 from poise.ratelimit.shared import SharedState
 
-log = logging.getLogger("poise")
 # Connection-count buckets kept for listeners' totals; client addresses hash into the
 # others.
 TOTAL_BUCKETS = 256

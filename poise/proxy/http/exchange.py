@@ -17,10 +17,7 @@ from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
 from poise.errors import (
-    NoRoute,
-    Overloaded,
     PoiseError,
-    RateLimited,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -153,7 +150,9 @@ class Exchange(RequestHead):
         if site.tracer is not None:
             start_trace(self, site.tracer)
         try:
-            target: RouteTarget = site.router.catch_all or self._route()
+            router = site.router
+            target: RouteTarget = router.catch_all or router.route(
+                self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
             limits = target.limits
@@ -201,19 +200,6 @@ class Exchange(RequestHead):
         elif cluster.limits is None or may_connect(self):
             begin_try(self)
             open_connection(self)
-
-    def _route(self) -> RouteTarget:
-        path = self.target.split(b"?", 1)[0]
-        host = (self.host or b"").lower()
-        if host.startswith(b"["):
-            host = host[: host.find(b"]") + 1]
-        else:
-            host = host.split(b":", 1)[0]
-        target = self.client.site.router.match(self.method, path, host, self.pairs())
-        if target is None:
-            raise NoRoute(f"no route for {host.decode(errors='replace')}"
-                          f"{path.decode(errors='replace')}")
-        return target
 
     def context(self) -> RequestContext:
         """The request as balancing policies see it (built only for those that look)."""
@@ -420,11 +406,7 @@ class Exchange(RequestHead):
         client = self.client
         close = not self.keep_alive or body_pending or (client.draining and not client.queue)
         self.keep_alive = not close
-        extra = b""
-        if isinstance(error, Overloaded):
-            extra = b"x-poise-limit: %s\r\n" % error.limit.encode()
-        elif isinstance(error, RateLimited):
-            extra = error.headers
+        extra = error.headers if isinstance(error, PoiseError) else b""
         self.status = status_of(error)
         self._out.append(error_response(self.status, close, self.head_only, extra))
         self.response_head_sent = True

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from poise.config.model import Match, Route
+from poise.errors import NoRoute
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
@@ -56,6 +57,22 @@ class Router:
             if predicate is None or predicate(method, path, host, headers):
                 return target
         return None
+
+    def route(self, method: bytes, target: bytes, host: bytes | None, headers: list) -> Any:
+        """The target for a request as received: ``target`` is its request target
+        (the query string is ignored), ``host`` its Host header (port and case
+        ignored; None: empty).  Raises NoRoute when no route matches."""
+        path = target.split(b"?", 1)[0]
+        name = (host or b"").lower()
+        if name.startswith(b"["):
+            name = name[: name.find(b"]") + 1]
+        else:
+            name = name.split(b":", 1)[0]
+        found = self.match(method, path, name, headers)
+        if found is None:
+            raise NoRoute(f"no route for {name.decode(errors='replace')}"
+                          f"{path.decode(errors='replace')}")
+        return found
 
     def __repr__(self) -> str:
         return f"<Router routes={len(self._table)} catch_all={self.catch_all is not None}>"
