@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 
+from poise.checks.handshake_probe import HandshakeProbe
 from poise.checks.http_probe import HttpProbe
 from poise.checks.probe import Probe
 from poise.checks.settings import CheckSettings, align, first_wait, grid, next_wait
@@ -28,10 +29,18 @@ PROBES: dict[str, Callable[..., Probe]] = {"http": HttpProbe, "tcp": TcpProbe}
 Key = tuple[str, int]
 
 
+def probe_class(settings: CheckSettings) -> Callable[..., Probe]:
+    """The probe for ``settings``: a ``tcp`` check of a cluster with TLS or PROXY
+    headers must complete those too, which a bare connect cannot."""
+    if settings.type == "tcp" and (settings.tls is not None or settings.preamble):
+        return HandshakeProbe
+    return PROBES[settings.type]
+
+
 class _Target:
     """One checked backend: its thresholds, probe, pending timer and last result."""
 
-    __slots__ = ("backend", "health", "probe", "timer", "last", "probes")
+    __slots__ = ("backend", "health", "probe", "timer", "last", "probes", "stale")
 
     def __init__(self, backend: Backend, health: RiseFall) -> None:
         self.backend = backend
@@ -40,6 +49,7 @@ class _Target:
         self.timer: asyncio.TimerHandle | None = None
         self.last = "pending"
         self.probes = 0             # probes reported (probe_count)
+        self.stale = False          # the probe was made with older settings
 
 
 class HealthChecker:
@@ -61,7 +71,7 @@ class HealthChecker:
         self._on_change = on_change
         self._loop = loop
         self._rng = rng if rng is not None else random.Random()
-        self._probe_class = PROBES[settings.type]
+        self._probe_class = probe_class(settings)
         self._tick = grid(settings)
         self._first_max = settings.interval
         self._next_max = settings.interval * (1 + settings.jitter)
@@ -85,6 +95,16 @@ class HealthChecker:
         self._running = False
         for target in self._targets.values():
             self._halt(target)
+
+    def renew(self, settings: CheckSettings) -> None:
+        """Probe with ``settings`` from each backend's next probe on, keeping every
+        health state: for a new TLS context (certificate files re-read on reload) or
+        other transport settings. What is checked (type, request, thresholds, timing)
+        must not change: that is a new checker."""
+        self.settings = settings
+        self._probe_class = probe_class(settings)
+        for target in self._targets.values():
+            target.stale = True
 
     def set_backends(self, backends: Iterable[Backend]) -> None:
         """Check exactly ``backends`` from now on: new ones start healthy and are first
@@ -138,6 +158,11 @@ class HealthChecker:
     def _fire(self, target: _Target) -> None:
         target.timer = None
         probe = target.probe
+        if target.stale:
+            target.stale = False
+            if probe is not None:   # (its connection was opened the old way)
+                probe.close()
+                probe = target.probe = None
         if probe is None:
             probe = target.probe = self._probe_class(
                 target.backend, self.settings,

@@ -21,6 +21,7 @@ import httptools
 from poise.checks.probe import ResultCallback, connect_failure
 from poise.checks.settings import BODY_CAP, CheckSettings
 from poise.core.backend import Backend
+from poise.proxy.dial import dial
 
 log = logging.getLogger("poise")
 
@@ -30,7 +31,11 @@ class HttpProbe:
     (``"status 503"``, ``"body mismatch"``, ``"body too large"``, ``"timeout"``,
     ``"connect refused"``, ``"connection closed"``, ``"bad response"``, ...).
 
-    The deadline covers connect, request and the complete response.  A connection is
+    With ``settings.tls`` and/or ``settings.preamble`` the connection is opened as the
+    cluster's traffic opens it (PROXY header, then TLS: :func:`poise.proxy.dial.dial`);
+    a failed handshake fails the probe (``"certificate verify failed: ..."``).
+
+    The deadline covers connect (and handshake), request and the complete response.  A connection is
     reopened only when the last one was closed or broken; a probe that times out closes
     its connection.  If a reused connection turns out to have been closed by the
     backend before answering (its idle timeout raced the probe), the request is retried
@@ -94,8 +99,15 @@ class HttpProbe:
             self._conn = None
         loop = self._loop
         b = self.backend
+        s = self.settings
         try:
-            task = loop.create_task(loop.create_connection(partial(_Conn, self), b.host, b.port))
+            if s.tls is None and not s.preamble:
+                connecting = loop.create_connection(partial(_Conn, self), b.host, b.port)
+            else:
+                connecting = dial(loop, partial(_Conn, self), b.host, b.port, tls=s.tls,
+                                  server_name=s.server_name, preamble=s.preamble,
+                                  handshake_timeout=s.timeout)
+            task = loop.create_task(connecting)
         except Exception as e:
             self._finish(False, connect_failure(e))
             return

@@ -8,6 +8,8 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from poise.proxy.dial import tls_failure
+
 # ``on_result(ok, reason)``: the outcome of one probe; ``reason`` is short human text
 # ("ok 200", "status 503", "timeout", "connect refused", ...).
 ResultCallback = Callable[[bool, str], None]
@@ -48,6 +50,9 @@ def connect_failure(exc: BaseException) -> str:
         return "connect timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "connect refused"
+    tls = tls_failure(exc)      # (an ssl.SSLError is an OSError whose errno says nothing)
+    if tls is not None:
+        return tls
     if isinstance(exc, OSError):
         return connect_errno(exc.errno)
     return f"connect error: {type(exc).__name__}"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 
 # The most of a response body read while looking for ``expect_body``.
 BODY_CAP = 64 * 1024
@@ -39,6 +40,15 @@ class CheckSettings:
     - ``timeout`` (1 s): the whole probe — connect, request and complete response.
     - ``rise`` (2) / ``fall`` (3): passes / failures in a row that flip a backend
       (see :class:`poise.core.health.RiseFall`).
+
+    How a probe reaches the backend, as the cluster's traffic does:
+
+    - ``tls``: an ``ssl.SSLContext`` to probe over TLS (a ``tcp`` check then passes
+      when the handshake completes, verification included); None (default): plain.
+    - ``server_name``: the TLS name sent and verified; None: the backend's host.
+    - ``preamble``: bytes sent first on every probe connection, before TLS: the PROXY
+      header of a cluster with ``send_proxy_protocol`` (``PROXY UNKNOWN`` or a v2
+      ``LOCAL``, as HAProxy's ``check-send-proxy`` does); empty (default): none.
     """
 
     type: str = "http"
@@ -52,6 +62,9 @@ class CheckSettings:
     jitter: float = 0.10
     rise: int = 2
     fall: int = 3
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    server_name: str | None = None
+    preamble: bytes = b""
 
     def __post_init__(self) -> None:
         if self.type not in CHECK_TYPES:

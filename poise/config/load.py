@@ -36,6 +36,10 @@ def load_config(path: str | Path) -> Config:
     # an error of `poise check` and of a reload rather than a worker's failure.
     from poise.observability.access_log import check
     problems = check(config)
+    # Certificates and keys are read too: a missing or mismatched file is an error
+    # of `poise check` and of a reload, never a worker's crash.
+    from poise.proxy.tls import config_errors
+    problems += config_errors(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -122,14 +126,47 @@ def semantic_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
             if bind in binds:
                 errors.append((f"listeners[{i}].bind", f"{bind} is bound twice"))
             binds.setdefault(bind, f"listeners[{i}]")
+        if isinstance(lst.get("cluster"), str) and lst["cluster"] not in clusters:
+            errors.append((f"listeners[{i}].cluster", f"unknown cluster {lst['cluster']!r}"))
         for j, r in _items(lst, "routes"):
             cluster = r.get("cluster")
             if isinstance(cluster, str) and cluster not in clusters:
                 errors.append((f"listeners[{i}].routes[{j}].cluster",
                                f"unknown cluster {cluster!r}"))
+        if lst.get("protocol") == "tcp":
+            errors.extend(_tcp_policy_errors(f"listeners[{i}]", lst, data))
         errors.extend(_rate_limit_errors(f"listeners[{i}]", lst))
     errors.extend(_admin_errors(data.get("admin"), binds))
     errors.extend(_observability_errors(data))
+    return errors
+
+
+# Policies that read what only an HTTP request has.
+_HTTP_ONLY_POLICIES = ("sticky",)
+
+
+def _tcp_policy_errors(path: str, listener: dict[str, Any],
+                       data: dict[str, Any]) -> list[tuple[str, str]]:
+    """A tcp listener's clusters must balance on what a connection has: its client
+    address (no headers, cookies, paths or queries)."""
+    wanted = {r.get("cluster") for _, r in _items(listener, "routes")}
+    wanted.add(listener.get("cluster"))
+    errors = []
+    for i, c in _items(data, "clusters"):
+        if c.get("name") not in wanted:
+            continue
+        policy = c.get("policy")
+        name, options = (policy, {}) if isinstance(policy, str) else (
+            (policy.get("type"), policy) if isinstance(policy, dict) else (None, {}))
+        key = options.get("key")
+        if name in _HTTP_ONLY_POLICIES or (name == "hash" and key != "ip"):
+            what = f"hash on {key}" if name == "hash" else name
+            where = f"clusters[{i}].policy" + (".type" if isinstance(policy, dict) else "")
+            errors.append((where,
+                           f"{what} needs HTTP requests, but tcp listener {path} "
+                           f"({listener.get('name')}) routes connections here: use "
+                           f"round_robin, random, least_conn, p2c, ip_hash, hash on ip "
+                           f"or peak_ewma"))
     return errors
 
 

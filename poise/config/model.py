@@ -29,6 +29,7 @@ from pydantic import (
 from poise.config.discovery import Discovery
 from poise.config.limits import DEFAULT_TABLE_SLOTS, Cidr, RateLimits, TableSlots
 from poise.config.observability import AccessLog, Metrics, Tracing
+from poise.config.tls import ClusterTls, ListenerTls
 from poise.config.units import parse_address, parse_duration, parse_size
 from poise.core.units import parse_percent
 
@@ -144,9 +145,12 @@ class Strict(BaseModel):
 
 
 class Match(Strict):
-    """Route conditions; all given conditions must hold. ``host`` may be ``*.example.com``."""
+    """Route conditions; all given conditions must hold. ``host`` and ``sni`` may be
+    ``*.example.com``.  ``sni`` is the TLS server name of the client's connection (TLS
+    listeners only); on a ``tcp`` listener it is the only condition there is."""
 
     host: str | None = None
+    sni: str | None = None
     path_prefix: str | None = None
     path: str | None = None
     methods: list[str] | None = Field(None, min_length=1)
@@ -164,7 +168,7 @@ class Match(Strict):
     def _upper(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [m.upper() for m in v]
 
-    @field_validator("host")
+    @field_validator("host", "sni")
     @classmethod
     def _host(cls, v: str | None) -> str | None:
         if v is None:
@@ -185,14 +189,28 @@ class Route(Strict):
     rate_limit: RateLimits | None = None
 
 
+def _default(model: type[BaseModel], field: str) -> Any:
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
+# Listener fields that only mean something for HTTP.
+HTTP_ONLY_FIELDS = ("max_request_line", "max_header_size", "max_headers", "max_request_body",
+                    "forwarded_headers", "abort_on_client_close", "client_idle_timeout",
+                    "trusted_proxies", "rate_limit", "access_log")
+
+
 class Listener(Strict):
-    """A bound socket and what it serves."""
+    """A bound socket and what it serves: HTTP (``protocol: http``, the default) or
+    bytes relayed to a backend (``protocol: tcp``).
+
+    ``cluster: NAME`` is short for ``routes: [{cluster: NAME}]``."""
 
     name: str
     bind: Address
-    protocol: Literal["http"] = "http"
+    protocol: Literal["http", "tcp"] = "http"
     routes: list[Route] = Field(min_length=1)
     # Total deadline for a request head, from accept (first request) or first byte.
+    # On a tcp listener: for the PROXY header and, with tls_passthrough, the ClientHello.
     client_header_timeout: Duration = 10.0
     # How long an idle keep-alive client connection is kept open.
     client_idle_timeout: Duration = 60.0
@@ -218,6 +236,61 @@ class Listener(Strict):
     trusted_proxies: list[Cidr] = Field(default_factory=list)
     # Rate limits of the routes without their own (shared by them: one bucket per key).
     rate_limit: RateLimits | None = None
+    # TLS termination (None: plain).
+    tls: ListenerTls | None = None
+    # tcp only: relay TLS untouched, routed by the SNI name of the ClientHello.
+    tls_passthrough: bool = False
+    # Every connection starts with a PROXY protocol header (v1 or v2), required: its
+    # client address replaces the peer's (ip_hash, X-Forwarded-For, limits, logs).
+    proxy_protocol: bool = False
+    # tcp only: a connection with no byte either way for this long is closed.
+    idle_timeout: PositiveDuration = 3600.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_shortcut(cls, data: object) -> object:
+        if isinstance(data, dict) and "cluster" in data:
+            data = dict(data)
+            cluster = data.pop("cluster")
+            if "routes" in data:
+                raise ValueError("give either cluster or routes, not both")
+            data["routes"] = [{"cluster": cluster}]
+        return data
+
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> Listener:
+        problems = []
+        if self.protocol == "tcp":
+            # (Against the defaults, not what was set: a dumped config must load.)
+            http_only = [f for f in HTTP_ONLY_FIELDS
+                         if getattr(self, f) != _default(Listener, f)]
+            if http_only:
+                problems.append(f"{', '.join(http_only)}: only for http listeners")
+            for route in self.routes:
+                m = route.match
+                if route.rate_limit is not None:
+                    problems.append("routes of a tcp listener take no rate_limit")
+                if m is not None and (m.host or m.path or m.path_prefix or m.methods
+                                      or m.headers):
+                    problems.append("routes of a tcp listener match on sni only")
+        else:
+            if self.tls is not None and set(self.tls.alpn) - {"http/1.1"}:
+                problems.append("tls.alpn: an http listener speaks HTTP/1.1 only, so it "
+                                "may only offer http/1.1")
+            if self.tls_passthrough:
+                problems.append("tls_passthrough: only for tcp listeners (an http "
+                                "listener reads requests, so it terminates TLS)")
+            if self.idle_timeout != _default(Listener, "idle_timeout"):
+                problems.append("idle_timeout: only for tcp listeners (http: "
+                                "client_idle_timeout)")
+        if self.tls_passthrough and self.tls is not None:
+            problems.append("tls and tls_passthrough exclude each other")
+        if self.tls is None and not self.tls_passthrough and any(
+                r.match is not None and r.match.sni for r in self.routes):
+            problems.append("match on sni needs tls or tls_passthrough")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # The largest backend weight (config, admin API).
@@ -398,6 +471,22 @@ class Cluster(Strict):
     retries: Retries | None = None
     # Total deadline across all tries and waits, until the response head → 504.
     request_timeout: PositiveDuration | None = None
+    # TLS towards the backends (None: plain).
+    tls: ClusterTls | None = None
+    # Start each backend connection with a PROXY protocol header carrying the client's
+    # address (None: none).
+    send_proxy_protocol: Literal["v1", "v2"] | None = None
+    # tcp listeners: connected spares kept per backend and worker, so that a new
+    # client connection skips the connect.
+    warm_connections: int = Field(0, ge=0, le=1024)
+
+    @model_validator(mode="after")
+    def _warm_without_proxy_header(self) -> Cluster:
+        if self.warm_connections and self.send_proxy_protocol is not None:
+            raise ValueError("warm_connections and send_proxy_protocol exclude each other: "
+                             "a PROXY header names a client, so a connection cannot be "
+                             "opened before its client arrives")
+        return self
 
 
 def _workers(value: object) -> object:

@@ -13,6 +13,7 @@ worker, a backend or a file but :meth:`ControlPlane.reload`'s read of the config
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ import poise
 from poise.admin.ops import ReloadResult
 from poise.checks import CheckSettings, HealthChecker
 from poise.config.load import load_config
-from poise.config.model import MAX_WEIGHT, Cluster, Config, HealthCheck
+from poise.config.model import MAX_WEIGHT, Cluster, Config
 from poise.config.units import parse_address
 from poise.control.agent import Message, apply_message
 from poise.control.binding import bind_error
@@ -34,6 +35,8 @@ from poise.core.backend import Backend
 from poise.errors import ConfigError, ControlError, UnknownBackend, UnknownCluster
 from poise.observability.book import MetricsBook, backend_of
 from poise.observability.exposition import BackendState, PlaneState, render
+from poise.proxy.proxy_protocol import header_for
+from poise.proxy.tls import TlsConfigError, client_context
 
 log = logging.getLogger("poise")
 
@@ -74,6 +77,9 @@ class ControlPlane:
         self.path = path
         self.loop = loop
         self.version = 1
+        # Digests of the certificate, key and CA files the config names: a reload with
+        # the same config but rotated files re-reads them (see reload).
+        self._tls_files = _tls_files(config)
         self.states = {c.name: ClusterState(c.name, members_of(c)) for c in config.clusters}
         self.checkers: dict[str, HealthChecker] = {}
         self.fleet: Fleet | None = None
@@ -122,8 +128,10 @@ class ControlPlane:
     def reload(self) -> ReloadResult:
         """Re-read the config file.  Invalid, or asking for what only a restart can do:
         rejected whole (the running config stays; errors logged and returned).  Valid:
-        applied without dropping a connection or a request.  Unchanged: nothing
-        happens, not even a new version."""
+        applied without dropping a connection or a request.  Unchanged (the TLS
+        certificate, key and CA files it names included): nothing happens, not even a
+        new version.  Changed files alone apply as a new version, which makes every
+        listener and cluster read them again."""
         if self.path is None:
             return self._rejected([("", "poise was not started from a config file")])
         try:
@@ -133,10 +141,12 @@ class ControlPlane:
         problems = self._restart_only(config) + self._unbindable(config)
         if problems:
             return self._rejected(problems)
-        if config == self.config:
+        files = _tls_files(config)
+        if config == self.config and files == self._tls_files:
             self.metrics.count(("reloads", "unchanged"))
             log.info("reload: %s is unchanged (config version %d)", self.path, self.version)
             return ReloadResult(True, self.version)
+        self._tls_files = files
         self._apply(config)
         self.metrics.count(("reloads", "applied"))
         log.info("reload: applied %s (config version %d)", self.path, self.version)
@@ -215,7 +225,9 @@ class ControlPlane:
         those that stay)."""
         checker = self.checkers.get(spec.name)
         backends = [Backend(m.host, m.port) for m in state.view.members]
-        if checker is not None and (old is None or old.health_check != spec.health_check):
+        if checker is not None and (old is None or old.health_check != spec.health_check
+                                    or old.tls != spec.tls
+                                    or old.send_proxy_protocol != spec.send_proxy_protocol):
             checker.stop()
             del self.checkers[spec.name]
             checker = None
@@ -224,13 +236,20 @@ class ControlPlane:
                     self._changed(spec.name)
         if spec.health_check is None:
             return
+        try:
+            settings = _check_settings(spec)
+        except TlsConfigError as e:     # (the file changed since the config was checked)
+            log.error("health checks of cluster %s: %s", spec.name, e)
+            return
         if checker is None:
             checker = HealthChecker(
-                _check_settings(spec.health_check), backends,
+                settings, backends,
                 lambda b, up, name=spec.name: self._checked(name, b, up), loop=self.loop)
             self.checkers[spec.name] = checker
             checker.start()
         else:
+            if spec.tls is not None:
+                checker.renew(settings)     # (the CA or client certificate re-read)
             checker.set_backends(backends)
 
     def _discovered(self, cluster: str, members: list[Member]) -> None:
@@ -380,9 +399,37 @@ class ControlPlane:
         return reason
 
 
-def _check_settings(spec: HealthCheck) -> CheckSettings:
+def _tls_files(config: Config) -> dict[str, bytes]:
+    """Path → SHA-256 of each TLS file ``config`` names (b"" if unreadable: loading
+    the config has reported that)."""
+    paths = [p for lst in config.listeners if lst.tls is not None
+             for c in lst.tls.certificates for p in (c.cert, c.key)]
+    paths += [p for c in config.clusters if c.tls is not None
+              for p in (c.tls.ca, c.tls.client_cert, c.tls.client_key) if p is not None]
+    digests = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                digests[path] = hashlib.sha256(f.read()).digest()
+        except OSError:
+            digests[path] = b""
+    return digests
+
+
+def _check_settings(cluster: Cluster) -> CheckSettings:
+    """The cluster's ``health_check``, probing the way its traffic connects: with TLS
+    (same verification and server name) and with a PROXY header when it sends one
+    (``PROXY UNKNOWN`` / v2 ``LOCAL``: a check is no client's). TlsConfigError for an
+    unusable CA or client certificate file."""
+    spec = cluster.health_check
+    assert spec is not None
+    tls = cluster.tls
+    version = cluster.send_proxy_protocol
     return CheckSettings(type=spec.type, path=spec.path, method=spec.method, host=spec.host,
                          expect_status=tuple(spec.expect_status),
                          expect_body=spec.expect_body, interval=spec.interval,
                          timeout=spec.timeout, jitter=spec.jitter, rise=spec.rise,
-                         fall=spec.fall)
+                         fall=spec.fall,
+                         tls=None if tls is None else client_context(tls),
+                         server_name=None if tls is None else tls.sni,
+                         preamble=b"" if version is None else header_for(version, None, None))

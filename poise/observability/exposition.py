@@ -51,7 +51,8 @@ _SIMPLE_COUNTERS = (
      "Requests a rate limit denied with 429 (mode enforce) or would have (mode shadow).",
      ("listener", "route", "mode")),
     ("connections_rejected", "poise_connections_rejected",
-     "Client connections closed as accepted: a connection limit was reached.",
+     "Client connections closed before being served: a connection limit was reached, "
+     "or (tcp and PROXY protocol listeners) the reason says why.",
      ("listener", "reason")),
     ("rate_limit_evictions", "poise_rate_limit_evictions",
      "Keys still limited that the full rate-limit table forgot (then admitted afresh).",

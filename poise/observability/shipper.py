@@ -109,6 +109,8 @@ def _site_counters(flat: Flat, site: Site) -> None:
     _add(flat, ("connections", name), site.accepted)
     _add(flat, ("bytes_in", name), site.bytes_in)
     _add(flat, ("bytes_out", name), site.bytes_out)
+    for reason, n in site.rejected.items():
+        _add(flat, ("connections_rejected", name, reason), n)
     for cluster, served in site.served.items():
         for code, n in served.by_code().items():
             _add(flat, ("requests", name, cluster, code), n)

@@ -86,6 +86,16 @@ class ProxyHeader:
     tlvs: tuple[tuple[int, bytes], ...] = ()
 
 
+def addresses_of(header: ProxyHeader) -> tuple[Address, Address] | None:
+    """``(client, local)`` when ``header`` carries IPv4 or IPv6 addresses to use instead
+    of the connection's own (whatever its transport byte says); None for LOCAL, UNKNOWN
+    and UNIX headers."""
+    if header.command != "PROXY" or header.family not in ("TCP4", "TCP6") \
+            or header.source is None or header.destination is None:
+        return None
+    return header.source, header.destination
+
+
 def parse(data: bytes, max_v2: int = V2_MAX_LENGTH) -> tuple[ProxyHeader | None, int]:
     """Decode the PROXY header at the start of ``data`` (see the module docstring).
 
@@ -293,3 +303,16 @@ def _ip_pair(source: Address, destination: Address
     six = [IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip
            for ip in ips]
     return 6, six[0], six[1]
+
+
+def header_for(version: str, client: Address | None, local: Address | None) -> bytes:
+    """The header to send a backend (``version`` ``"v1"`` or ``"v2"``) for a client
+    connection from ``client`` to ``local``: ``PROXY UNKNOWN`` (v1) or ``LOCAL`` (v2)
+    when either address is unknown or not an IP address (a UNIX socket client)."""
+    encode = encode_v1 if version == "v1" else encode_v2
+    if client is not None and local is not None:
+        try:
+            return encode(client, local)
+        except ValueError:
+            pass
+    return encode_v1(None, None) if version == "v1" else encode_v2(None, None, "LOCAL")

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from poise.config.model import Config, Listener
 from poise.config.units import parse_address
 from poise.control.state import Member
 from poise.observability.access_log import AccessLogger, AccessLogs
 from poise.observability.tracing import Tracer
+from poise.proxy.acceptor import ProxyProtocolServer, listening_socket
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 from poise.proxy.ratelimits import Limiters
+from poise.proxy.tcp.relay import TcpClient
+from poise.proxy.tcp.site import TcpSite
+from poise.proxy.tcp.warm import WarmSpares
 from poise.ratelimit.shared import SharedState
 
 log = logging.getLogger("poise")
@@ -24,6 +29,25 @@ _SWEEP_INTERVAL = 1.0
 def bind_key(bind: str) -> tuple[str, int]:
     """A listener's identity across reloads: where it is bound."""
     return parse_address(bind)
+
+
+def binding_of(spec: Listener) -> tuple[object, ...]:
+    """What a bound socket cannot change without being bound again."""
+    return spec.protocol, spec.tls is not None, spec.proxy_protocol
+
+
+def connection_factory(spec: Listener, site: Any) -> Callable[[Any], Any]:
+    """``make(addresses)``: the protocol of a new connection of ``site``; ``addresses``
+    are ``(client, local)`` from its PROXY header, or None."""
+    connection = TcpClient if spec.protocol == "tcp" else ClientConnection
+
+    def make(addresses: Any) -> Any:
+        conn = connection(site)
+        if addresses is not None:
+            conn.proxied = addresses
+        return conn
+
+    return make
 
 
 class ProxyServer:
@@ -48,13 +72,15 @@ class ProxyServer:
         members = members or {}
         self.clusters = {c.name: ClusterRuntime(c, loop, members.get(c.name))
                          for c in config.clusters}
+        # Connected spares of the clusters with warm_connections (tcp listeners).
+        self.warm = WarmSpares(loop)
         self.access_logs = AccessLogs(loop)
         self.access_logs.configure(config)
         self.tracer: Tracer | None = Tracer(config.tracing) if config.tracing else None
-        self.sites: dict[tuple[str, int], Site] = {
-            bind_key(spec.bind): Site(spec, self.clusters, loop, *self._observers(spec),
-                                      limiters=self.limiters)
-            for spec in config.listeners}
+        self.sites: dict[tuple[str, int], Any] = {
+            bind_key(spec.bind): self._site(spec) for spec in config.listeners}
+        # What each bound socket was bound for (a change rebinds: see binding_of).
+        self._bindings: dict[tuple[str, int], tuple[object, ...]] = {}
         self.limiters.end()
         self.servers: dict[tuple[str, int], asyncio.Server] = {}
         # Sites of removed listeners whose connections are still finishing.
@@ -71,11 +97,38 @@ class ProxyServer:
 
     async def _bind(self, spec: Listener) -> None:
         key = bind_key(spec.bind)
-        site = self.sites[key]
-        host, port = key
-        self.servers[key] = await self.loop.create_server(
-            lambda: ClientConnection(site), host, port,
-            reuse_port=self._reuse_port, backlog=4096)
+        self.servers[key] = await self._serve(spec, self.sites[key])
+        self._bindings[key] = binding_of(spec)
+
+    async def _serve(self, spec: Listener, site: Any) -> Any:
+        """Bind ``spec``'s address for ``site``: an asyncio server, or a
+        ProxyProtocolServer when connections start with a PROXY header."""
+        host, port = bind_key(spec.bind)
+        make = connection_factory(spec, site)
+        tls = site.tls.context if site.tls is not None else None
+        if spec.proxy_protocol:
+            sock = listening_socket(host, port, self._reuse_port)
+            return ProxyProtocolServer(self.loop, sock, make, ssl_context=tls,
+                                       timeout=spec.client_header_timeout,
+                                       on_reject=site.reject_proxy_header)
+        return await self.loop.create_server(
+            lambda: make(None), host, port, reuse_port=self._reuse_port, backlog=4096,
+            ssl=tls, ssl_handshake_timeout=spec.client_header_timeout if tls else None)
+
+    def _site(self, spec: Listener) -> Any:
+        """A new Site (http) or TcpSite (tcp) for ``spec``."""
+        if spec.protocol == "tcp":
+            return TcpSite(spec, self.clusters, self.loop, limiters=self.limiters,
+                           warm=self.warm)
+        return Site(spec, self.clusters, self.loop, *self._observers(spec),
+                    limiters=self.limiters)
+
+    def _configure(self, site: Any, spec: Listener) -> None:
+        if spec.protocol == "tcp":
+            site.configure(spec, self.clusters, limiters=self.limiters, warm=self.warm)
+        else:
+            site.configure(spec, self.clusters, *self._observers(spec),
+                           limiters=self.limiters)
 
     def _observers(self, spec: Listener) -> tuple[bool, AccessLogger | None, Tracer | None]:
         """What a listener's requests are seen by: counting (metrics), its access log
@@ -116,7 +169,7 @@ class ProxyServer:
             runtime = old_clusters.get(spec.name)
             if runtime is None:
                 runtime = ClusterRuntime(spec, self.loop, members.get(spec.name))
-            elif spec != runtime.spec:
+            elif spec != runtime.spec or spec.tls is not None:     # (TLS files: read again)
                 runtime.reconfigure(spec)
             clusters[spec.name] = runtime
         self.clusters = clusters
@@ -142,19 +195,31 @@ class ProxyServer:
         wanted = {bind_key(spec.bind): spec for spec in config.listeners}
         for key, spec in wanted.items():
             site = self.sites.get(key)
-            if site is not None:
-                site.configure(spec, self.clusters, *self._observers(spec),
-                               limiters=self.limiters)
+            if site is not None and self._bindings.get(key) == binding_of(spec):
+                try:
+                    self._configure(site, spec)
+                except ValueError as e:     # (a certificate file changed since checked)
+                    problems.append(f"listener {spec.name}: {e}")
+                    log.error("%s", problems[-1])
                 continue
-            self.sites[key] = Site(spec, self.clusters, self.loop, *self._observers(spec),
-                                   limiters=self.limiters)
+            # New, or bound differently (protocol, TLS on/off, PROXY header): a new
+            # socket and site; the old one's connections finish as a removed listener's.
             try:
-                await self._bind(spec)
-            except OSError as e:
-                del self.sites[key]
+                new_site = self._site(spec)
+                if site is not None and not self._reuse_port:
+                    self._retire(key, config.drain_timeout, "rebound")  # (port needed)
+                    site = None
+                server = await self._serve(spec, new_site)
+            except (OSError, ValueError) as e:
                 problems.append(f"listener {spec.name}: cannot bind {spec.bind}: "
-                                f"{e.strerror or e}")
+                                f"{getattr(e, 'strerror', None) or e}")
                 log.error("%s", problems[-1])
+                continue
+            if site is not None:
+                self._retire(key, config.drain_timeout, "rebound")
+            self.sites[key] = new_site
+            self.servers[key] = server
+            self._bindings[key] = binding_of(spec)
         for key in [k for k in self.sites if k not in wanted]:
             self._retire(key, config.drain_timeout)
         return problems
@@ -166,8 +231,9 @@ class ProxyServer:
         if old is not None:
             self.loop.run_in_executor(None, old.shutdown)
 
-    def _retire(self, key: tuple[str, int], grace: float) -> None:
+    def _retire(self, key: tuple[str, int], grace: float, why: str = "removed") -> None:
         site = self.sites.pop(key)
+        self._bindings.pop(key, None)
         server = self.servers.pop(key, None)
         if server is not None:
             server.close()
@@ -175,8 +241,8 @@ class ProxyServer:
         if site.connections:
             self.retiring.append(site)
             self.loop.call_later(grace, self._cut_off, site)
-        log.info("listener %s on %s:%d removed: %d connection(s) finishing", site.name,
-                 key[0], key[1], len(site.connections))
+        log.info("listener %s on %s:%d %s: %d connection(s) finishing", site.name,
+                 key[0], key[1], why, len(site.connections))
 
     def _cut_off(self, site: Site) -> None:
         """drain_timeout after its listener was removed: close what is left."""
@@ -199,6 +265,7 @@ class ProxyServer:
             for pool in cluster.pools.values():
                 pool.expire(now)
         self.retiring = [site for site in self.retiring if site.connections]
+        self.warm.sweep(self.clusters)
         self._sweeper = self.loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
     def _all_sites(self) -> list[Site]:
@@ -240,6 +307,7 @@ class ProxyServer:
                 conn.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.warm.close()
         for cluster in self.clusters.values():
             cluster.stop()
         await self.access_logs.close()

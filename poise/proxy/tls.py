@@ -13,8 +13,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from poise.config.tls import ClusterTls, ListenerTls
+
+if TYPE_CHECKING:
+    from poise.config.model import Config
 
 # Mozilla's server-side TLS "intermediate" TLS 1.2 suites: forward secret AEADs only.
 # DHE suites stay inert unless DH parameters are loaded, which poise does not do.
@@ -57,16 +61,25 @@ def _load_into(ctx: ssl.SSLContext, cert: str, key: str) -> CertInfo:
     cert_pem = _read(cert, "certificate")
     if "-----BEGIN CERTIFICATE-----" not in cert_pem:
         raise TlsConfigError(f"certificate file {cert}: no PEM certificate in it")
-    if "PRIVATE KEY-----" not in _read(key, "key"):
+    key_pem = _read(key, "key")
+    if "PRIVATE KEY-----" not in key_pem:
         raise TlsConfigError(f"key file {key}: no PEM private key in it")
+    if "ENCRYPTED" in key_pem:
+        raise TlsConfigError(f"key file {key} is encrypted: poise needs an unencrypted key "
+                             f"(openssl pkey -in {key} -out NEW.pem)")
     names, not_after = _describe(cert, cert_pem)
     try:
-        ctx.load_cert_chain(cert, key)
+        # (A password callback that gives none: OpenSSL must never prompt a terminal.)
+        ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as e:
         if "KEY_VALUES_MISMATCH" in str(e) or "key values mismatch" in str(e):
             raise TlsConfigError(f"key file {key} does not match certificate {cert}") from None
         raise TlsConfigError(f"certificate {cert} with key {key}: {e.reason or e}") from None
     return CertInfo(cert, key, names, not_after)
+
+
+def _no_password() -> str:
+    raise TlsConfigError("encrypted private keys are not supported")
 
 
 def _read(path: str, what: str) -> str:
@@ -181,12 +194,13 @@ class ServerTls:
         # The base context serves the default certificate itself too, so a handshake
         # is never left without one.
         first = spec.certificates[0]
-        self.context.load_cert_chain(first.cert, first.key)
+        self.context.load_cert_chain(first.cert, first.key, password=_no_password)
         self.context.sni_callback = self._on_sni
 
     def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         # Called for every ClientHello, with None when the client sent no SNI.
         sslobj.context = self._table.pick(server_name)
+        sslobj.sni_name = server_name  # type: ignore[attr-defined]  # (see ClientConnection.sni)
 
     @property
     def certificates(self) -> tuple[CertInfo, ...]:
@@ -208,25 +222,28 @@ class ServerTls:
         self.context.set_ciphers(spec.ciphers or INTERMEDIATE_CIPHERS)
         self.context.set_alpn_protocols(spec.alpn)
         first = spec.certificates[0]
-        self.context.load_cert_chain(first.cert, first.key)
+        self.context.load_cert_chain(first.cert, first.key, password=_no_password)
 
     def __repr__(self) -> str:
         names = ",".join(n for i in self._table.infos for n in i.names)
         return f"<ServerTls certificates={len(self._table.infos)} names={names}>"
 
 
-def client_context(spec: ClusterTls) -> ssl.SSLContext:
+def client_context(spec: ClusterTls,
+                   alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     """An ``ssl.SSLContext`` for connecting to a cluster's backends.
 
     With ``verify`` the chain is checked against ``ca`` (else the system store) and the
     name is checked: the caller passes ``server_hostname=`` :func:`origination_name`.
-    Offers TLS 1.2+ and ALPN ``http/1.1``. Raises :class:`TlsConfigError` for an
+    Offers TLS 1.2+ and the ``alpn`` protocols (default ``http/1.1``; empty: no ALPN
+    extension). Raises :class:`TlsConfigError` for an
     unusable CA bundle or client certificate.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     if spec.verify:
         if spec.ca is None:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -272,3 +289,16 @@ def check(spec: ListenerTls | ClusterTls) -> list[str]:
         except TlsConfigError as e:
             problems.append(str(e))
     return problems
+
+
+def config_errors(config: Config) -> list[tuple[str, str]]:
+    """``(field, message)`` for every listener and cluster whose TLS files cannot be
+    used (see :func:`check`): for ``poise check`` and to refuse a reload."""
+    errors = []
+    for i, listener in enumerate(config.listeners):
+        if listener.tls is not None:
+            errors += [(f"listeners[{i}].tls", p) for p in check(listener.tls)]
+    for i, cluster in enumerate(config.clusters):
+        if cluster.tls is not None:
+            errors += [(f"clusters[{i}].tls", p) for p in check(cluster.tls)]
+    return errors

@@ -210,8 +210,8 @@ def test_bad_backend_address_path_and_message():
 
 @pytest.mark.parametrize(("text", "path"), [
     (MINIMAL_YAML + "colour: blue\n", "colour"),
-    (MINIMAL_YAML.replace("    protocol: http\n", "    protocol: http\n    tls: true\n"),
-     "listeners[0].tls"),
+    (MINIMAL_YAML.replace("    protocol: http\n", "    protocol: http\n    ssl: true\n"),
+     "listeners[0].ssl"),
     (MINIMAL_YAML.replace("      - cluster: app ", "      - cluster: app\n        weight: 3 "),
      "listeners[0].routes[0].weight"),
     (MINIMAL_YAML.replace("    policy: round_robin\n",
@@ -311,8 +311,8 @@ def test_weight_range(weight, ok):
         assert paths_of(text) == ["clusters[0].backends[1].weight"]
 
 
-def test_protocol_must_be_http():
-    text = MINIMAL_YAML.replace("protocol: http", "protocol: tcp")
+def test_protocol_must_be_http_or_tcp():
+    text = MINIMAL_YAML.replace("protocol: http", "protocol: udp")
     assert paths_of(text) == ["listeners[0].protocol"]
 
 

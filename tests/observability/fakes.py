@@ -14,7 +14,7 @@ def fake_server():
     """``(server, site, pool)``: one listener ``web`` and one cluster ``app`` with the
     backend ``h:1``, every counter at zero."""
     site = SimpleNamespace(name="web", accepted=0, bytes_in=0, bytes_out=0, served={},
-                           connections=set(), last_served=Counts())
+                           rejected={}, connections=set(), last_served=Counts())
     backend = type("Backend", (), {"address": "h:1"})()     # (hashable, as a Backend)
     pool = SimpleNamespace(backend=backend, tries=Tries(), idle=[], active=0,
                            stats=SimpleNamespace(in_flight=0))

@@ -321,6 +321,7 @@ class FakeConn:
         self.idle_since = idle_since
         self.closed = False
         self.usable = True      # as UpstreamConnection: open at both ends
+        self.owner = None       # shared (no PROXY header naming a client)
 
     def close(self) -> None:
         self.closed = True

@@ -1,57 +1,21 @@
-"""TLS contexts over real loopback handshakes, with certificates minted per test run.
-
-trustme is not a project dependency yet, so the test CA and leaves are minted with the
-``openssl`` command-line tool (present wherever OpenSSL is).
-"""
+"""TLS contexts over real loopback handshakes, with certificates minted per test run
+(``openssl`` CLI: see tests/support/certs.py)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from poise.config.tls import Certificate, ClusterTls, ListenerTls
 from poise.proxy.tls import ServerTls, TlsConfigError, check, client_context, load_certificate
+from tests.support.certs import Pki, needs_openssl
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl CLI")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-class Pki:
-    """A throwaway CA in ``root`` that signs leaves on demand."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ca = root / "ca.pem"
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                 "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-                 "-subj", "/CN=poise test CA",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=root)
-
-    def leaf(self, stem: str, cn: str, sans: list[str]) -> Certificate:
-        ext = self.root / f"{stem}.ext"
-        lines = ["basicConstraints=CA:FALSE", "extendedKeyUsage=serverAuth,clientAuth"]
-        if sans:
-            lines.append("subjectAltName=" + ",".join(f"DNS:{n}" for n in sans))
-        ext.write_text("\n".join(lines) + "\n")
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={cn}",
-                 cwd=self.root)
-        _openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{stem}.pem",
-                 "-extfile", ext.name, cwd=self.root)
-        return Certificate(cert=str(self.root / f"{stem}.pem"), key=str(self.root / f"{stem}.key"))
+pytestmark = needs_openssl
 
 
 @pytest.fixture(scope="module")

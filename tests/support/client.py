@@ -53,6 +53,15 @@ class H11Client:
         self.sock = socket.create_connection(addr, timeout=timeout)
         self.conn = h11.Connection(h11.CLIENT)
 
+    @classmethod
+    def over(cls, sock: socket.socket) -> H11Client:
+        """A client on an already connected socket (TLS-wrapped, or after a PROXY
+        header was sent on it)."""
+        client = cls.__new__(cls)
+        client.sock = sock
+        client.conn = h11.Connection(h11.CLIENT)
+        return client
+
     @staticmethod
     def _request_events(method: str, target: str, headers, body, chunks) -> list:
         hdrs = list(headers or [])

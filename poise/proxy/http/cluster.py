@@ -75,7 +75,8 @@ class ClusterRuntime:
                  "needs_context", "observe", "set_cookie", "load_changed", "health",
                  "limits", "pending", "queue_timeout", "retry", "request_timeout",
                  "failure_statuses", "rng", "_release_timer", "_release_at", "guarded",
-                 "_clock", "_retired", "members", "retries")
+                 "_clock", "_retired", "members", "retries", "tls_context", "_stream_tls",
+                 "send_proxy_protocol")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop,
                  members: Sequence[Member] | None = None) -> None:
@@ -112,7 +113,13 @@ class ClusterRuntime:
         self.retry: RetryPolicy | None = None
         self.request_timeout: float | None = None
         self.guarded = False
+        # TLS towards the backends (an ssl.SSLContext, None: plain) and the PROXY
+        # header version to start each backend connection with (None: none).
+        self.tls_context: Any = None
+        self._stream_tls: Any = None
+        self.send_proxy_protocol: str | None = None
         self._settle(spec)
+        self._use_tls(spec)
         self.health.update(backends, _flags(members), CONTROL_FLAGS)
         self._sync_pools(members)
         self._use(self.health.snapshot)
@@ -159,8 +166,14 @@ class ClusterRuntime:
         if self.health.snapshot is snapshot:    # (else on_change has rebuilt the picker)
             self._use(snapshot)
         self._settle(spec, renew_retry=spec.retries != old.retries)
+        self._use_tls(spec)
+        # Open connections with a PROXY header name one client; those without one were
+        # made for a backend that wanted none: neither may serve the new setting.
+        reopen = spec.send_proxy_protocol != old.send_proxy_protocol
         for pool in self.pools.values():
             self._pool_settings(pool)
+            if reopen:
+                pool.disown()
         self._release_pending()
 
     def _settle(self, spec: Cluster, renew_retry: bool = True) -> None:
@@ -186,6 +199,32 @@ class ClusterRuntime:
         # Whether a request needs resilience.admit at all (the common case skips it).
         self.guarded = (self.limits is not None or self.retry is not None
                         or self.request_timeout is not None)
+
+    def _use_tls(self, spec: Cluster) -> None:
+        """Origination settings; a reload reads the CA and client certificate files
+        again (new connections use them; pooled ones keep their session)."""
+        self.send_proxy_protocol = spec.send_proxy_protocol
+        self._stream_tls = None
+        if spec.tls is None:
+            self.tls_context = None
+        else:
+            from poise.proxy.tls import client_context
+            self.tls_context = client_context(spec.tls)
+
+    def stream_tls_context(self) -> Any:
+        """The TLS context of tcp listeners' connections: as ``tls_context`` but
+        offering no ALPN protocol (the bytes relayed need not be HTTP); None: plain."""
+        if self.tls_context is None:
+            return None
+        if self._stream_tls is None:
+            from poise.proxy.tls import client_context
+            self._stream_tls = client_context(self.spec.tls, alpn=())  # type: ignore[arg-type]
+        return self._stream_tls
+
+    def server_name(self, backend: Backend) -> str | None:
+        """The TLS server name to send (and verify) to ``backend`` (TLS clusters)."""
+        tls = self.spec.tls
+        return backend.host if tls is None else (tls.sni or backend.host)
 
     def _sync_pools(self, members: Sequence[Member]) -> None:
         """One pool per backend of the snapshot, kept by address (with its idle
@@ -270,9 +309,11 @@ class ClusterRuntime:
         """``conn`` of ``pool`` was released while requests wait: give it to the first
         one waiting for that backend.  When only requests for other backends wait and
         the cluster-wide connection limit holds them, close it to make room.  True when
-        ``conn`` was taken (the caller must not pool it)."""
+        ``conn`` was taken (the caller must not pool it).  A private connection (one
+        that began with a PROXY header) only goes to a request of its own client."""
+        owner = conn.owner
         for ex in self.pending:
-            if ex.pool is pool:
+            if ex.pool is pool and (owner is None or ex.client is owner):
                 ex.dequeued(conn)
                 return True
         limits = self.limits

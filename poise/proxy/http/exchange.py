@@ -150,7 +150,8 @@ class Exchange(RequestHead):
         if site.tracer is not None:
             start_trace(self, site.tracer)
         try:
-            router = site.router
+            router = site.router if site.sni_routers is None else site.router_for(
+                self.client.sni)
             target: RouteTarget = router.catch_all or router.route(
                 self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
@@ -188,11 +189,14 @@ class Exchange(RequestHead):
             cluster.load_changed(pool.backend)
         if cluster.observe is not None:
             self._started_at = self.client.loop.time()
-        idle = pool.idle
-        conn = idle.pop() if idle else None
-        if conn is not None and not conn.usable:
-            conn.close()
-            conn = pool.take_idle()
+        if cluster.send_proxy_protocol is None:
+            idle = pool.idle
+            conn = idle.pop() if idle else None
+            if conn is not None and not conn.usable:
+                conn.close()
+                conn = pool.take_idle()
+        else:   # connections name their client: only this client's may be reused
+            conn = pool.take_owned(self.client)
         if conn is not None:
             conn.reused = True
             begin_try(self)

@@ -53,7 +53,8 @@ CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream f
 class ClientConnection:
     """One downstream connection. Created per accepted socket by the listener."""
 
-    __slots__ = ("site", "loop", "transport", "peer_ip", "forwarded", "parser", "deadline",
+    __slots__ = ("site", "loop", "transport", "peer_ip", "proxied", "sni", "forwarded",
+                 "parser", "deadline",
                  "current", "queue", "draining", "closed", "write_paused", "_parsing",
                  "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
                  "_upgrade_body", "_idle", "_guard", "_held")
@@ -63,6 +64,11 @@ class ClientConnection:
         self.loop = site.loop
         self.transport: Any = None     # an asyncio.Transport once connected
         self.peer_ip = b""
+        # ``(client, local)`` addresses, each ``(ip, port)``, from the PROXY header this
+        # connection began with (set by the acceptor before connection_made), or None.
+        self.proxied: Any = None
+        # The TLS server name the client asked for (TLS listeners; None: none sent).
+        self.sni: str | None = None
         self.forwarded = b""
         # The connection guard (limits) that admitted this connection, and the count
         # buckets it holds there until it closes.
@@ -92,7 +98,10 @@ class ClientConnection:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
-        if isinstance(peer, tuple):
+        proxied = self.proxied
+        if proxied is not None:
+            self.peer_ip = proxied[0][0].encode()
+        elif isinstance(peer, tuple):
             self.peer_ip = peer[0].encode()
         elif sock is not None and sock.family != socket.AF_UNIX:
             # Reset before we could ask its address: nobody to answer, and a request
@@ -110,6 +119,12 @@ class ClientConnection:
                 transport.close()
                 return
             self._guard = guard
+        if self.site.tls is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                # (Noted by ServerTls' SNI callback: a server-side SSL object's
+                # server_hostname is always None.)
+                self.sni = getattr(ssl_object, "sni_name", None)
         # X-Forwarded-For/-Proto for requests that bring none of their own.
         self.forwarded = (b"x-forwarded-for: " + self.peer_ip + b"\r\n" + self.site.xfp
                           if self.site.forwarded_headers else b"")
@@ -440,6 +455,21 @@ class ClientConnection:
     def _write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
+
+    def addresses(self) -> tuple[Any, Any]:
+        """``(client, local)``: the client's address and the one it connected to, each
+        ``(ip, port)`` — as a PROXY header carried them, else the socket's own (for
+        sending a PROXY header on, and logs); None where unknown."""
+        proxied = self.proxied
+        if proxied is not None:
+            return proxied
+        transport = self.transport
+        if transport is None:
+            return None, None
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        return (peer[:2] if isinstance(peer, tuple) else None,
+                local[:2] if isinstance(local, tuple) else None)
 
     def abort(self) -> None:
         """Close without flushing: the client must see a truncated response."""

@@ -47,8 +47,8 @@ class Router:
         chosen = list(per_route) if per_route is not None else [targets[r.cluster]
                                                                  for r in routes]
         self._table = [(_compile(r.match), t) for r, t in zip(routes, chosen, strict=True)]
-        first = routes[0].match
-        self.catch_all = chosen[0] if first is None or _empty(first) else None
+        first = routes[0].match if routes else None
+        self.catch_all = chosen[0] if routes and (first is None or _empty(first)) else None
 
     def match(self, method: bytes, path: bytes, host: bytes, headers: list) -> Any:
         """The target of the first matching route, or None. ``host`` is lower-case
@@ -76,6 +76,28 @@ class Router:
 
     def __repr__(self) -> str:
         return f"<Router routes={len(self._table)} catch_all={self.catch_all is not None}>"
+
+
+def sni_matches(pattern: str, name: str | None) -> bool:
+    """Whether TLS server name ``name`` (any case) satisfies ``pattern`` (lower-case;
+    ``*.example.com`` matches one or more labels before ``.example.com``, as ``host``
+    does)."""
+    if name is None:
+        return False
+    name = name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+def sni_subset(pairs: Sequence[tuple[Route, Any]],
+               sni: str | None) -> tuple[list[Route], list[Any]]:
+    """The ``(routes, targets)`` among ``pairs`` that a connection with server name
+    ``sni`` may take: those without an ``sni`` condition and those whose holds.  (The
+    other conditions are left to the request; a Router ignores ``sni``.)"""
+    kept = [(r, t) for r, t in pairs
+            if r.match is None or not r.match.sni or sni_matches(r.match.sni, sni)]
+    return [r for r, _ in kept], [t for _, t in kept]
 
 
 def _empty(m: Match) -> bool:

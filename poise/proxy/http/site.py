@@ -11,9 +11,26 @@ from poise.config.model import Listener
 from poise.observability.access_format import AccessLogger
 from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
-from poise.proxy.http.router import Router, RouteTarget
+from poise.proxy.http.router import Router, RouteTarget, sni_subset
 
 __all__ = ["ClusterRuntime", "Site"]
+
+# Routers kept per SNI name before the cache starts afresh.
+_MAX_SNI_ROUTERS = 1024
+# The router of a server name no route accepts: every request → 404.
+_NO_ROUTE = Router([], {}, [])
+
+
+def _server_tls(current: Any, spec: Listener) -> Any:
+    """The listener's ServerTls: ``current`` reloaded with ``spec.tls`` (certificate
+    files are read again), a new one, or None without TLS."""
+    if spec.tls is None:
+        return None
+    from poise.proxy.tls import ServerTls
+    if current is None:
+        return ServerTls(spec.tls)
+    current.reload(spec.tls)
+    return current
 
 
 class Site:
@@ -38,6 +55,11 @@ class Site:
         self.accepted = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Connections closed before being served, by reason (metrics).
+        self.rejected: dict[str, int] = {}
+        # TLS termination (a poise.proxy.tls.ServerTls) or None; kept across reloads
+        # so that bound sockets see new certificates.
+        self.tls: Any = None
         self.configure(spec, clusters, counting, access_log, tracer, limiters)
 
     def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime],
@@ -51,15 +73,22 @@ class Site:
         ``tracer``: a :class:`~poise.observability.tracing.Tracer` or None;
         ``limiters``: a :class:`~poise.proxy.ratelimits.Limiters` (rate and connection
         limits) or None (none)."""
+        # First what may fail (certificate files are read again): then nothing changed.
+        self.tls = _server_tls(self.tls, spec)
         self.name = spec.name
         self.counting = counting
         self.access_log = access_log
         self.tracer = tracer
         limits = limiters.route_limits(spec) if limiters is not None else [None] * len(
             spec.routes)
-        self.router = Router(spec.routes, clusters, [
-            RouteTarget(clusters[route.cluster], limit)
-            for route, limit in zip(spec.routes, limits, strict=True)])
+        targets = [RouteTarget(clusters[route.cluster], limit)
+                   for route, limit in zip(spec.routes, limits, strict=True)]
+        self.router = Router(spec.routes, clusters, targets)
+        # With routes that match on SNI: the routes of each server name, built on
+        # first use (None: no route looks at SNI, every connection uses ``router``).
+        self._routes = list(zip(spec.routes, targets, strict=True))
+        self.sni_routers: dict[str | None, Router] | None = (
+            {} if any(r.match is not None and r.match.sni for r in spec.routes) else None)
         # A ConnectionGuard (max_connections, max_connections_per_ip) or None.
         self.guard = limiters.guard(spec) if limiters is not None else None
         self.header_timeout = spec.client_header_timeout
@@ -70,7 +99,25 @@ class Site:
         self.max_request_body = spec.max_request_body
         self.forwarded_headers = spec.forwarded_headers
         self.abort_on_client_close = spec.abort_on_client_close
-        self.xfp = b"x-forwarded-proto: http\r\n"
+        self.xfp = (b"x-forwarded-proto: https\r\n" if spec.tls is not None
+                    else b"x-forwarded-proto: http\r\n")
+
+    def router_for(self, sni: str | None) -> Router:
+        """The router of connections that asked for server name ``sni`` (only its
+        routes whose ``sni`` condition holds; built once per name)."""
+        routers = self.sni_routers
+        assert routers is not None
+        router = routers.get(sni)
+        if router is None:
+            if len(routers) >= _MAX_SNI_ROUTERS:    # names are the client's to choose
+                routers.clear()
+            routes, targets = sni_subset(self._routes, sni)
+            router = routers[sni] = Router(routes, {}, targets) if routes else _NO_ROUTE
+        return router
+
+    def reject_proxy_header(self, _reason: str) -> None:
+        """A connection was closed for a missing or malformed PROXY header."""
+        self.rejected["proxy_protocol"] = self.rejected.get("proxy_protocol", 0) + 1
 
     def retire(self, grace: float) -> None:
         """The listener was removed: its connections finish what they are doing and

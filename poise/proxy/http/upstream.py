@@ -4,6 +4,19 @@ An :class:`UpstreamConnection` serves one exchange at a time.  Its parser callba
 only record what happened; :meth:`UpstreamConnection.data_received` acts on it after
 the parser returns, so a connection is never handed to the next request while its
 parser is still running.
+
+TLS (``cluster.tls_context``) and PROXY headers (``cluster.send_proxy_protocol``) only
+change how a connection is opened (:func:`poise.proxy.dial.dial`); once open, a TLS
+connection is pooled and reused like a plain one.
+
+A connection that began with a PROXY header names one client, so it is *private* to
+the client connection it was opened for (its ``owner``), as HAProxy makes such
+connections: it waits in the pool's idle list like any other (so ``max_idle``,
+``idle_timeout`` and the connection limits see it), but only
+:meth:`UpstreamPool.take_owned` hands it out, and only to its owner.  The shared path
+(:meth:`UpstreamPool.take_idle`, the exchange's ``idle.pop()``) is only taken by
+clusters that send no header, so it never meets a private connection and pays nothing
+for them; the exchange decides between the two with one attribute check.
 """
 
 from __future__ import annotations
@@ -12,6 +25,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +40,17 @@ from poise.errors import (
     UpstreamTimeout,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.dial import dial, tls_failure, warn_tls
 from poise.proxy.http.accounting import Tries
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
+from poise.proxy.proxy_protocol import header_for
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.exchange import Exchange
+    from poise.proxy.http.protocol import ClientConnection
 
 
 class UpstreamPool:
@@ -43,11 +60,14 @@ class UpstreamPool:
     longer (swept by :meth:`expire`).  ``active`` counts open and opening connections
     (``max_connections`` caps it, None = no cap); a connection released while requests
     wait in the cluster's queue goes to them instead of the idle list.
+
+    ``owned`` maps a client connection to the connection last opened for it with a
+    PROXY header (busy or idle; see the module docstring), empty for other clusters.
     """
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors", "tries")
+                 "failing", "requests", "errors", "tries", "owned")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -75,6 +95,7 @@ class UpstreamPool:
         self.errors = 0
         # Tries by outcome and latency, for metrics (poise.proxy.http.accounting).
         self.tries = Tries()
+        self.owned: dict[ClientConnection, UpstreamConnection] = {}
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -86,30 +107,77 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def connect(self, timeout: float | None = None) -> Awaitable[UpstreamConnection]:
+    def take_owned(self, owner: ClientConnection) -> UpstreamConnection | None:
+        """The idle connection opened for client connection ``owner`` (its PROXY header
+        names that client), taken out of the idle list; or None."""
+        conn = self.owned.get(owner)
+        if conn is None or not conn.usable:
+            return None
+        try:
+            self.idle.remove(conn)  # (by identity, in C: cheap even for a long list)
+        except ValueError:
+            return None             # busy, or just opened and not yet attached
+        return conn
+
+    def connect(self, timeout: float | None = None,
+                owner: ClientConnection | None = None) -> Awaitable[UpstreamConnection]:
         """Start opening a connection, counted against the limits from this call on;
         await the result for the connection (within ``timeout``, default
-        ``connect_timeout``), or UpstreamConnectError / UpstreamConnectTimeout."""
+        ``connect_timeout``), or UpstreamConnectError / UpstreamConnectTimeout.
+
+        ``owner`` is the client connection it is opened for: a cluster that sends PROXY
+        headers names its address in the header (none given: ``UNKNOWN``/``LOCAL``),
+        and the connection is then private to it."""
         conn = UpstreamConnection(self)
         self.opening()
-        return self._open(conn, timeout)
+        return self._open(conn, timeout, owner)
 
-    async def _open(self, conn: UpstreamConnection, timeout: float | None) -> UpstreamConnection:
+    async def _open(self, conn: UpstreamConnection, timeout: float | None,
+                    owner: ClientConnection | None) -> UpstreamConnection:
         b = self.backend
+        cluster = self.cluster
+        limit = self.connect_timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self.connect_timeout if timeout is None else timeout):
-                await self.loop.create_connection(  # type: ignore[type-var]
-                    lambda: conn, b.host, b.port)
+            async with asyncio.timeout(limit):
+                if cluster is None or (cluster.tls_context is None
+                                       and cluster.send_proxy_protocol is None):
+                    await self.loop.create_connection(  # type: ignore[type-var]
+                        lambda: conn, b.host, b.port)
+                else:
+                    await self._dial(conn, cluster, owner, limit)
         except BaseException as e:
             if conn.transport is None:  # else its connection_lost does the accounting
                 self.closed()
             if isinstance(e, TimeoutError):
                 raise UpstreamConnectTimeout(f"connect to {b.address} timed out") from None
+            if isinstance(e, ssl.SSLError):
+                # (Before OSError, its base: errno means nothing for a TLS failure.)
+                reason = tls_failure(e) or str(e)
+                warn_tls(b.address, reason)
+                raise UpstreamConnectError(f"TLS to {b.address} failed: {reason}") from None
             if isinstance(e, OSError):
                 reason = errno.errorcode.get(e.errno or 0, str(e))
                 raise UpstreamConnectError(f"connect to {b.address} failed: {reason}") from None
             raise
         return conn
+
+    async def _dial(self, conn: UpstreamConnection, cluster: ClusterRuntime,
+                    owner: ClientConnection | None, limit: float) -> None:
+        """Open ``conn`` with TLS and/or a PROXY header naming ``owner``'s client."""
+        b = self.backend
+        preamble = b""
+        version = cluster.send_proxy_protocol
+        if version is not None:
+            client, local = owner.addresses() if owner is not None else (None, None)
+            preamble = header_for(version, client, local)
+            if owner is not None:
+                conn.owner = owner
+        tls = cluster.tls_context
+        await dial(self.loop, lambda: conn, b.host, b.port, tls=tls,
+                   server_name=cluster.server_name(b) if tls is not None else None,
+                   preamble=preamble, handshake_timeout=limit)
+        if owner is not None and version is not None:
+            self.owned[owner] = conn
 
     def opening(self) -> None:
         """A connection is being opened: it counts against the limits from now on."""
@@ -141,11 +209,28 @@ class UpstreamPool:
         self.idle.append(conn)
 
     def expire(self, now: float) -> None:
-        """Close idle connections unused for longer than ``idle_timeout``."""
+        """Close idle connections unused for longer than ``idle_timeout``, and the
+        private ones whose client connection has closed (nobody may use them)."""
         idle = self.idle
         cutoff = now - self.idle_timeout
         while idle and idle[0].idle_since < cutoff:
             idle.popleft().close()
+        owned = self.owned
+        if owned:
+            for owner in [o for o in owned if o.closed]:
+                conn = owned.pop(owner)
+                if conn.exchange is None:
+                    conn.close()    # (its connection_lost takes it off the idle list)
+                else:
+                    conn.usable = False     # closed when its exchange releases it
+
+    def disown(self) -> None:
+        """The cluster stopped or started sending PROXY headers: no connection opened
+        before may be reused (idle ones close now, busy ones when released)."""
+        for conn in self.owned.values():
+            conn.usable = False
+        self.owned.clear()
+        self.close_idle()
 
     def close_idle(self) -> None:
         while self.idle:
@@ -159,13 +244,16 @@ class UpstreamConnection:
     """One keep-alive connection to a backend, parsing responses with httptools."""
 
     __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused",
-                 "reading_paused", "idle_since", "deadline", "_fields", "_has_length", "_te",
-                 "_connection", "_done", "_head_only", "_keep_alive", "_status")
+                 "reading_paused", "idle_since", "deadline", "owner", "_fields", "_has_length",
+                 "_te", "_connection", "_done", "_head_only", "_keep_alive", "_status")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: Any = None     # an asyncio.Transport once connected
         self.exchange: Exchange | None = None
+        # The client connection this one is private to (it began with a PROXY header
+        # naming that client), or None: shared.
+        self.owner: ClientConnection | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.usable = False
         self.reused = False
@@ -184,6 +272,8 @@ class UpstreamConnection:
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (With TLS: after the handshake, and ``transport`` is the TLS one, whose
+        # "socket" is still the TCP socket underneath.)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -204,6 +294,9 @@ class UpstreamConnection:
                 pool.idle.remove(self)
             except ValueError:
                 pass
+        owner = self.owner
+        if owner is not None and pool.owned.get(owner) is self:
+            del pool.owned[owner]
         pool.closed()
         if ex is not None:
             self.exchange = None

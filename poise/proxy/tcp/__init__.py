@@ -1,0 +1,1 @@
+"""The L4 (TCP) proxy: relay, passthrough, warm connections."""
