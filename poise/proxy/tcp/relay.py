@@ -166,7 +166,7 @@ class TcpClient(Endpoint):
         preamble = header_for(version, *self.addresses()) if version is not None else b""
         tried: list[UpstreamPool] = []
         limits = cluster.limits
-        full = 0
+        full: Overflow | None = None      # the last cap met (counted once, on giving up)
         up: TcpUpstream | None = None
         while pool is not None:
             up = self._spare(pool)      # (a spare is counted already: no cap to check)
@@ -175,8 +175,7 @@ class TcpClient(Endpoint):
             over = limits.can_connect(pool.active, pool.max_connections) \
                 if limits is not None else None
             if over is not None:
-                limits.trip(over)       # type: ignore[union-attr]
-                full += 1
+                full = over
                 if over is Overflow.MAX_CONNECTIONS:
                     break               # (cluster-wide: no other backend has room)
                 tried.append(pool)
@@ -198,7 +197,8 @@ class TcpClient(Endpoint):
                 cluster.report(pool, Outcome.SUCCESS)
             break
         if up is None:
-            if full:
+            if full is not None and limits is not None:
+                limits.trip(full)
                 self._give_up(cluster, "overflow", "connection limit reached")
             else:
                 self._give_up(cluster, "connect_failed", "no backend could be connected to")
