@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/reload.py
 	$(BIN)/python bench/global_limit.py
 	$(BIN)/python bench/ratelimit_memory.py
+	$(BIN)/python bench/tcp.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

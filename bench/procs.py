@@ -8,6 +8,7 @@ over the whole process tree under the service's root process.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -284,3 +285,14 @@ def run_cleanly(work: Callable[[ExitStack], None], log: Callable[[str], None]) -
         stack.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     return True
+
+
+def save_results(name: str, result: dict, markdown: str,
+                 results_dir: Path) -> tuple[Path, Path]:
+    """Write ``<name>-<timestamp>.json`` and ``<name>-latest.md`` under ``results_dir``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{name}-{result['timestamp']}.json"
+    md_path = results_dir / f"{name}-latest.md"
+    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import math
 import os
 import socket
@@ -307,16 +306,6 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
         log(f"!! still running after stop: {line}")
 
 
-def save(result: dict, markdown: str, results_dir: Path) -> tuple[Path, Path]:
-    """Write reload-<ts>.json and reload-latest.md under results_dir."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"reload-{result['timestamp']}.json"
-    md_path = results_dir / "reload-latest.md"
-    json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md_path.write_text(markdown)
-    return json_path, md_path
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the reload benchmark; always stop what was started; return the exit status."""
     args = parse_args(argv)
@@ -338,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = summarize(result["samples"], args.only)
     markdown = render_markdown(result)
     print(markdown)
-    json_path, md_path = save(result, markdown, args.results_dir)
+    json_path, md_path = procs.save_results("reload", result, markdown, args.results_dir)
     log(f"# saved {json_path} and {md_path}")
     if not any(s["ok"] for s in result["samples"]):
         log("!! nothing could be measured")

@@ -6,6 +6,7 @@ writing to the other side, back-pressure, half-close, resets) and the backend si
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
@@ -62,15 +63,20 @@ class Endpoint(asyncio.BufferedProtocol):
         self._blocked = 0
         self._early: list[bytes] | None = None     # read before ``peer`` was linked
         self._early_size = 0
-        self._tls = False           # a TLS transport: no half-close
+        # A TLS transport (set before connection_made by whoever knows): no half-close,
+        # and no writing to its socket directly.
+        self.tls = False
+        # The socket's descriptor, to write to directly (-1: through the transport).
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.tls:
+                self.fd = sock.fileno()
         transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[attr-defined]
-        self._tls = transport.get_extra_info("ssl_object") is not None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return READ_BUFFER.view
@@ -78,20 +84,29 @@ class Endpoint(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.received += nbytes
         peer = self.peer
+        view = READ_BUFFER.view
         if peer is None:
-            self._keep(bytes(READ_BUFFER.view[:nbytes]))
+            self.keep(bytes(view[:nbytes]))
             return
         out = peer.transport
-        out.write(READ_BUFFER.view[:nbytes])
+        if peer.fd >= 0 and not out.get_write_buffer_size() and not out.is_closing():
+            # Nothing queued before it: send straight from the shared buffer, and give
+            # the transport a copy of what the socket did not take (it would keep a
+            # view of the buffer otherwise).  One syscall, no allocation, no copy
+            # when the socket keeps up.
+            try:
+                sent = os.write(peer.fd, view[:nbytes])
+            except OSError:     # (EAGAIN; or a failure the transport will meet itself)
+                sent = 0
+            if sent < nbytes:
+                out.write(bytes(view[sent:nbytes]))
+            return
+        out.write(view[:nbytes])
         if out.get_write_buffer_size():
             READ_BUFFER.renew()           # (the transport keeps a view of what it holds)
 
-    @property
-    def early_size(self) -> int:
-        """Bytes read from this side before it was linked."""
-        return self._early_size
-
-    def _keep(self, data: bytes) -> None:
+    def keep(self, data: bytes) -> None:
+        """Keep ``data``, read before the other side was linked (sent first then)."""
         if self._early is None:
             self._early = []
         self._early.append(data)
@@ -102,7 +117,7 @@ class Endpoint(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if self._tls:
+        if self.tls:
             # TLS has no half-close: the transport closes, and connection_lost
             # closes the other side once its data is flushed.
             return False
@@ -191,19 +206,12 @@ class TcpUpstream(Endpoint):
         super().__init__()
         self.pool = pool
         self.attached = False       # counted in the backend's in_flight
-        self.site: Any = None       # the client's listener, once attached (counters)
         # Called when a spare's connection is lost (the warm pool forgets it).
         self.on_lost: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.pool.stats.active_connections += 1
-
-    def buffer_updated(self, nbytes: int) -> None:
-        site = self.site
-        if site is not None:
-            site.bytes_out += nbytes
-        Endpoint.buffer_updated(self, nbytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -256,6 +264,7 @@ async def open_upstream(pool: UpstreamPool, cluster: ClusterRuntime,
     backend = pool.backend
     pool.opening()
     tls = cluster.stream_tls_context()
+    up.tls = tls is not None
     timeout = cluster.spec.connect_timeout
     try:
         async with asyncio.timeout(timeout):

@@ -31,7 +31,7 @@ from poise.errors import NoBackendAvailable
 from poise.proxy.dial import tls_failure, warn_tls
 from poise.proxy.proxy_protocol import header_for
 from poise.proxy.tcp.client_hello import ClientHelloError, peek
-from poise.proxy.tcp.endpoint import READ_BUFFER, Endpoint, TcpUpstream, attach, open_upstream
+from poise.proxy.tcp.endpoint import Endpoint, TcpUpstream, attach, open_upstream
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
@@ -53,6 +53,7 @@ class TcpClient(Endpoint):
         self.peer_ip = ""
         self.sni: str | None = None
         self.upstream: TcpUpstream | None = None
+        self.tls = site.tls is not None
         self._guard: Any = None
         self._held: tuple[int, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -92,13 +93,8 @@ class TcpClient(Endpoint):
             self.sni = getattr(ssl_object, "sni_name", None)
         self._route()
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.site.bytes_in += nbytes
-        if self.upstream is not None:
-            Endpoint.buffer_updated(self, nbytes)
-            return
-        self.received += nbytes
-        self._keep(bytes(READ_BUFFER.view[:nbytes]))
+    def keep(self, data: bytes) -> None:
+        Endpoint.keep(self, data)
         if self.site.passthrough and self.cluster_pending:
             self._read_hello()
 
@@ -239,8 +235,6 @@ class TcpClient(Endpoint):
             return
         self.upstream = up
         up.attached = True
-        up.site = self.site
-        self.site.bytes_out += up.early_size      # (read before it was attached)
         attach(up.pool)
         self.link(up)
         if self.transport.is_closing() and not self.closed:
@@ -292,7 +286,11 @@ class TcpClient(Endpoint):
         if held is not None:
             self._held = None
             self._guard.release(held)
-        site.connections.discard(self)
+        if self in site.connections:
+            site.connections.discard(self)
+            site.closed_in += self.received
+            if self.upstream is not None:
+                site.closed_out += self.upstream.received
 
     def _close(self) -> None:
         if not self.closed:

@@ -28,8 +28,10 @@ class TcpSite:
         self.connections: set[Any] = set()
         self.served: dict[str, Any] = {}        # (no requests: kept empty for metrics)
         self.accepted = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        # Bytes relayed by the connections that closed (open ones count their own:
+        # see bytes_in and bytes_out, so that the relay itself counts nothing).
+        self.closed_in = 0
+        self.closed_out = 0
         self.rejected: dict[str, int] = {}
         self.tls: Any = None
         self.configure(spec, clusters, limiters=limiters, warm=warm)
@@ -52,6 +54,17 @@ class TcpSite:
         self.idle_timeout = spec.idle_timeout
         self.guard = limiters.guard(spec) if limiters is not None else None
         self.warm = warm
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received from clients, open connections included."""
+        return self.closed_in + sum(c.received for c in self.connections)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes received from backends for clients, open connections included."""
+        return self.closed_out + sum(c.upstream.received for c in self.connections
+                                     if c.upstream is not None)
 
     def cluster_for(self, sni: str | None) -> ClusterRuntime | None:
         """The cluster of the first route that takes server name ``sni``, or None."""
