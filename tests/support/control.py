@@ -126,6 +126,9 @@ def refuses(addr: tuple[str, int]) -> bool:
         socket.create_connection(addr, timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # Queued as the listening socket closed: not refused yet, the next try is.
+        return False
     return False
 
 
