@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -101,9 +102,17 @@ def pick_ports(count: int, base: int = 19100, limit: int = 19999) -> list[int]:
     return ports
 
 
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> int:
-    """GET http://127.0.0.1:port/path and return the status (body fully read)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, path: str = "/", timeout: float = 2.0, tls: bool = False) -> int:
+    """GET http://127.0.0.1:port/path (https with ``tls``, the certificate not
+    verified) and return the status (body fully read)."""
+    if tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()

@@ -11,7 +11,6 @@ import http.client
 import os
 import re
 import shlex
-import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -156,24 +155,8 @@ def poise_check(cmd: str, conf: Path) -> str | None:
 # ---------------------------------------------------------------- readiness
 
 
-def https_get(port: int, path: str = "/", timeout: float = 2.0) -> int:
-    """GET https://127.0.0.1:port/path without verifying the certificate; the status."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
-
-
 def wait_ready(svc: procs.Service, port: int, tls: bool, timeout: float) -> None:
     """Wait until GET / (over TLS if ``tls``) on port answers 2xx; else StartError."""
-    get = https_get if tls else procs.http_get
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
@@ -182,7 +165,7 @@ def wait_ready(svc: procs.Service, port: int, tls: bool, timeout: float) -> None
             raise procs.StartError(f"{svc.name} exited (code {code}) before answering:\n"
                                    f"{svc.log_tail()}")
         try:
-            status = get(port, "/", timeout=1.0)
+            status = procs.http_get(port, "/", timeout=1.0, tls=tls)
             if 200 <= status < 300:
                 svc.cpu_seconds()   # records the process tree for cleanup
                 return

@@ -316,3 +316,17 @@ def header_for(version: str, client: Address | None, local: Address | None) -> b
         except ValueError:
             pass
     return encode_v1(None, None) if version == "v1" else encode_v2(None, None, "LOCAL")
+
+
+def connection_addresses(proxied: tuple[Address, Address] | None,
+                         transport: object) -> tuple[Address | None, Address | None]:
+    """``(client, local)`` of a connection, each ``(ip, port)``: ``proxied`` (what its
+    PROXY header carried) if given, else the socket's own; None where unknown."""
+    if proxied is not None:
+        return proxied
+    if transport is None:
+        return None, None
+    extra = transport.get_extra_info  # type: ignore[attr-defined]
+    peer, local = extra("peername"), extra("sockname")
+    return (peer[:2] if isinstance(peer, tuple) else None,
+            local[:2] if isinstance(local, tuple) else None)

@@ -229,6 +229,18 @@ class ServerTls:
         return f"<ServerTls certificates={len(self._table.infos)} names={names}>"
 
 
+def listener_tls(current: ServerTls | None, spec: ListenerTls | None) -> ServerTls | None:
+    """A listener's ServerTls after a (re)configure: ``current`` reloaded with ``spec``
+    (certificate files are read again), a new one, or None without TLS.  Raises
+    TlsConfigError, leaving ``current`` as it was."""
+    if spec is None:
+        return None
+    if current is None:
+        return ServerTls(spec)
+    current.reload(spec)
+    return current
+
+
 def client_context(spec: ClusterTls,
                    alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
     """An ``ssl.SSLContext`` for connecting to a cluster's backends.

@@ -37,6 +37,7 @@ from poise.proxy.http.headers import CRLF
 from poise.proxy.http.request import WATCH_FIRST, origin_form
 from poise.proxy.http.upgrade import BodyAfterUpgrade, framing_of
 from poise.proxy.http.upstream import UPSTREAM_FULL
+from poise.proxy.proxy_protocol import connection_addresses
 
 if TYPE_CHECKING:
     from poise.proxy.http.site import Site
@@ -460,16 +461,7 @@ class ClientConnection:
         """``(client, local)``: the client's address and the one it connected to, each
         ``(ip, port)`` — as a PROXY header carried them, else the socket's own (for
         sending a PROXY header on, and logs); None where unknown."""
-        proxied = self.proxied
-        if proxied is not None:
-            return proxied
-        transport = self.transport
-        if transport is None:
-            return None, None
-        peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
-        return (peer[:2] if isinstance(peer, tuple) else None,
-                local[:2] if isinstance(local, tuple) else None)
+        return connection_addresses(self.proxied, self.transport)
 
     def abort(self) -> None:
         """Close without flushing: the client must see a truncated response."""

@@ -12,6 +12,7 @@ from poise.observability.access_format import AccessLogger
 from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
 from poise.proxy.http.router import Router, RouteTarget, sni_subset
+from poise.proxy.tls import listener_tls
 
 __all__ = ["ClusterRuntime", "Site"]
 
@@ -19,18 +20,6 @@ __all__ = ["ClusterRuntime", "Site"]
 _MAX_SNI_ROUTERS = 1024
 # The router of a server name no route accepts: every request → 404.
 _NO_ROUTE = Router([], {}, [])
-
-
-def _server_tls(current: Any, spec: Listener) -> Any:
-    """The listener's ServerTls: ``current`` reloaded with ``spec.tls`` (certificate
-    files are read again), a new one, or None without TLS."""
-    if spec.tls is None:
-        return None
-    from poise.proxy.tls import ServerTls
-    if current is None:
-        return ServerTls(spec.tls)
-    current.reload(spec.tls)
-    return current
 
 
 class Site:
@@ -74,7 +63,7 @@ class Site:
         ``limiters``: a :class:`~poise.proxy.ratelimits.Limiters` (rate and connection
         limits) or None (none)."""
         # First what may fail (certificate files are read again): then nothing changed.
-        self.tls = _server_tls(self.tls, spec)
+        self.tls = listener_tls(self.tls, spec.tls)
         self.name = spec.name
         self.counting = counting
         self.access_log = access_log

@@ -29,7 +29,7 @@ from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
 from poise.errors import NoBackendAvailable
 from poise.proxy.dial import tls_failure, warn_tls
-from poise.proxy.proxy_protocol import header_for
+from poise.proxy.proxy_protocol import connection_addresses, header_for
 from poise.proxy.tcp.client_hello import ClientHelloError, peek
 from poise.proxy.tcp.endpoint import Endpoint, TcpUpstream, attach, open_upstream
 
@@ -242,12 +242,7 @@ class TcpClient(Endpoint):
 
     def addresses(self) -> tuple[Any, Any]:
         """``(client, local)`` addresses of this connection, PROXY header first."""
-        if self.proxied is not None:
-            return self.proxied
-        peer = self.transport.get_extra_info("peername")
-        local = self.transport.get_extra_info("sockname")
-        return (peer[:2] if isinstance(peer, tuple) else None,
-                local[:2] if isinstance(local, tuple) else None)
+        return connection_addresses(self.proxied, self.transport)
 
     # -- counting, idling and closing ----------------------------------------------------
 

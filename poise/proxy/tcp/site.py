@@ -10,6 +10,7 @@ from typing import Any
 from poise.config.model import Listener
 from poise.proxy.http.cluster import ClusterRuntime
 from poise.proxy.http.router import sni_matches
+from poise.proxy.tls import listener_tls
 
 
 class TcpSite:
@@ -39,10 +40,8 @@ class TcpSite:
     def configure(self, spec: Listener, clusters: dict[str, ClusterRuntime],
                   limiters: Any = None, warm: Any = None) -> None:
         """Take ``spec``'s settings for the connections accepted from now on."""
-        from poise.proxy.http.site import _server_tls
-
         # First what may fail (certificate files are read again): then nothing changed.
-        self.tls = _server_tls(self.tls, spec)
+        self.tls = listener_tls(self.tls, spec.tls)
         self.name = spec.name
         self.routes = [(r.match.sni if r.match is not None else None, clusters[r.cluster])
                        for r in spec.routes]
