@@ -353,11 +353,13 @@ def test_least_conn_counts_live_connections(stack, named):
                 s.close()
 
 
-# peak_ewma's samples of a tcp cluster are connect times (well under a millisecond
-# here): with the default default_rtt (30 ms) a backend not connected to yet would only
-# look as cheap after ~45 s of ageing, so it is lowered below them.
+# peak_ewma's samples of a tcp cluster are connect times (tens of microseconds here):
+# with the default default_rtt (30 ms) a backend not connected to yet would only look
+# as cheap after ~45 s of ageing, so it is lowered below any possible sample (samples
+# are clamped at 1 µs, and no loopback connect is that fast).  50 µs was not: CI saw
+# two backends connect faster than that and the third never tried (regression).
 @pytest.mark.parametrize("policy", ["round_robin", "random", "p2c", "least_conn",
-                                    {"type": "peak_ewma", "default_rtt": 0.00005}],
+                                    {"type": "peak_ewma", "default_rtt": 0.000001}],
                          ids=["round_robin", "random", "p2c", "least_conn", "peak_ewma"])
 def test_policy_spreads_connections_over_all_backends(stack, named, policy):
     px = stack.poise([b.address for b in named], listener=tcp(), cluster={"policy": policy})
