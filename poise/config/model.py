@@ -90,6 +90,19 @@ class Match(Strict):
         return v.lower()
 
 
+class WebSocket(Strict):
+    """How a route treats WebSocket upgrades (``Upgrade: websocket`` on a GET).
+
+    Enabled by default, as HAProxy and nginx-with-headers do: the upgrade is forwarded
+    and, on ``101``, both connections become a byte relay.  ``idle_timeout`` closes a
+    relay when nothing moved either way for that long (default 1 h); ``max_lifetime``
+    closes it that long after the switch, whatever it does (None: never)."""
+
+    enabled: bool = True
+    idle_timeout: PositiveDuration = 3600.0
+    max_lifetime: PositiveDuration | None = None
+
+
 class Route(Strict):
     """Send requests that match ``match`` (or all, when absent) to ``cluster``."""
 
@@ -99,6 +112,7 @@ class Route(Strict):
     name: str | None = Field(None, min_length=1, max_length=64)
     # This route's rate limits (default: the listener's; ``[]``: none).
     rate_limit: RateLimits | None = None
+    websocket: WebSocket = Field(default_factory=WebSocket)
 
 
 def _default(model: type[BaseModel], field: str) -> Any:
@@ -182,6 +196,8 @@ class Listener(Strict):
                 m = route.match
                 if route.rate_limit is not None:
                     problems.append("routes of a tcp listener take no rate_limit")
+                if route.websocket != WebSocket():
+                    problems.append("routes of a tcp listener take no websocket settings")
                 if m is not None and (m.host or m.path or m.path_prefix or m.methods
                                       or m.headers):
                     problems.append("routes of a tcp listener match on sni only")

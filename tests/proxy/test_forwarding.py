@@ -128,10 +128,54 @@ def test_connection_listing_transfer_encoding_does_not_break_framing(proxy):
     assert echo_headers(seen, "host"), "Host must never be removed by being listed"
 
 
-def test_upgrade_request_is_answered_normally_without_upgrade(proxy):
-    seen = echo(proxy, [("Connection", "Upgrade"), ("Upgrade", "websocket")])
+def test_websocket_handshake_is_forwarded_and_a_refusal_closes_the_connection(proxy):
+    # A WebSocket handshake keeps Connection/Upgrade for this hop (the relay itself is
+    # tests/proxy/test_websocket.py); a backend that answers it with anything but 101
+    # gives an ordinary response, after which the connection closes (nothing the
+    # client sent after the handshake was parsed).
+    px, _ = proxy
+    with H11Client(px.addr) as c:
+        r = c.request("GET", "/echo", [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+                                       ("Sec-WebSocket-Version", "13")])
+        assert r.status == 200, r
+        seen = r.json()
+        assert r.header("connection") == "close", r
+    assert echo_headers(seen, "upgrade") == ["websocket"]
+    assert echo_headers(seen, "connection") == ["upgrade"]
+    assert echo_headers(seen, "sec-websocket-version") == ["13"]
+
+
+@pytest.mark.parametrize("headers", [
+    [("Connection", "Upgrade"), ("Upgrade", "websocket")],
+], ids=["websocket-disabled-on-route"])
+def test_websocket_upgrade_declined_where_the_route_disables_it(module_stack, headers):
+    backend = module_stack.backend("fw-nows")
+    px = module_stack.poise([backend], listener={
+        "routes": [{"cluster": "app", "websocket": {"enabled": False}}]})
+    with H11Client(px.addr) as c:
+        r = c.request("GET", "/echo", headers)
+        assert r.status == 200, r
+    names = {n.lower() for n, _ in r.json()["headers"]}
+    assert "upgrade" not in names and "connection" not in names
+
+
+@pytest.mark.parametrize("method,headers,body", [
+    ("POST", [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+              ("Content-Length", "3")], b"abc"),
+    ("GET", [("Connection", "Upgrade"), ("Upgrade", "websocketx")], None),
+], ids=["post-with-body", "other-protocol"])
+def test_upgrade_that_is_not_a_websocket_handshake_is_declined(proxy, method, headers, body):
+    px, _ = proxy
+    with H11Client(px.addr) as c:
+        r = c.request(method, "/echo", headers, body)
+        assert r.status == 200, r
+        seen = r.json()
+        again = c.request("GET", "/echo")     # declined: the connection carries on
+        assert again.status == 200, again
     names = {n.lower() for n, _ in seen["headers"]}
     assert "upgrade" not in names and "connection" not in names
+    if body:
+        assert seen["body"] == body.decode()
 
 
 def test_h2c_upgrade_never_reaches_the_backend(proxy):

@@ -55,6 +55,7 @@ BUFFERING = 4   # ClientConnection read-blocking reason
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 
 
 class Exchange(RequestHead):
@@ -67,7 +68,7 @@ class Exchange(RequestHead):
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
         "connecting", "began", "status", "bytes_sent", "attempts", "_try_began", "route_name",
-        "trace", "ended",
+        "trace", "ended", "websocket",
     )
     # Set once routed and picked (start): unset until then.
     cluster: ClusterRuntime
@@ -86,7 +87,8 @@ class Exchange(RequestHead):
         self.fields: list[bytes] = []
         self.host: bytes | None = None
         self.content_length = -1
-        self.chunked = self.te = self.expect_continue = self.upgrade = False
+        self.chunked = self.te = self.expect_continue = False
+        self.upgrade: bytes | None = None
         self.xff: bytes | None = None
         self.connection: list[bytes] | None = None
         self.max_body = max_body
@@ -128,6 +130,9 @@ class Exchange(RequestHead):
         self.route_name: str | None = None
         self.trace: Any = None
         self.ended = 0.0        # when the response ended (0: read the clock when needed)
+        # A WebSocket handshake: upgrade.WEBSOCKET until routed, then the route's
+        # settings (config.model.WebSocket); None: an ordinary request.
+        self.websocket: Any = None
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -156,6 +161,8 @@ class Exchange(RequestHead):
                 self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
+            if self.websocket is not None:
+                self._route_websocket(target)
             limits = target.limits
             if limits is not None and not limits.check(self, 0, self.began):
                 return      # a global limit asks Redis first: it calls proceed()
@@ -163,6 +170,14 @@ class Exchange(RequestHead):
             self.respond_error(e)
             return
         self.proceed()
+
+    def _route_websocket(self, target: RouteTarget) -> None:
+        """Forward the WebSocket handshake's Upgrade if the route allows (else it is
+        declined: forwarded as a plain GET, and the connection closes after it)."""
+        settings = self.websocket = target.websocket
+        if settings is not None and self.upgrade is not None:
+            self.fields += (b"connection", b": ", b"upgrade", CRLF,
+                            b"upgrade", b": ", self.upgrade, CRLF)
 
     def proceed(self) -> None:
         """Admit (cluster limits), pick a backend, then send."""
@@ -313,10 +328,17 @@ class Exchange(RequestHead):
     # -- phase 4: relay the response -----------------------------------------------------
 
     def on_informational(self, status: int, fields: list[bytes]) -> None:
-        if status == 101:           # we never forward Upgrade: a 101 is a protocol error
+        if status == 101:
             conn = self.conn
             assert conn is not None         # (its parser reports this)
-            conn.close()
+            if self.websocket is not None and not self.response_head_sent:
+                # Sent when the parser stops after it (UpstreamConnection: the tunnel).
+                self.status = 101
+                self.response_head_sent = True
+                self._out.append(_SWITCHING + b"".join(fields) + b"upgrade: " +
+                                 (self.upgrade or b"websocket") + CRLF + CRLF)
+                return
+            conn.close()        # only a WebSocket handshake is forwarded with Upgrade
             self.upstream_failed(conn, UpstreamProtocolError("unexpected 101 from backend"))
         elif status == 100:
             if self.expect_continue and not self.response_head_sent:

@@ -30,12 +30,12 @@ from poise.errors import (
 )
 from poise.proxy.deadline import Deadline
 from poise.proxy.http.accounting import answer_counted
-from poise.proxy.http.bounds import ChunkScanner, MessageBounds
+from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import CRLF
 from poise.proxy.http.request import WATCH_FIRST, origin_form
-from poise.proxy.http.upgrade import BodyAfterUpgrade, framing_of
+from poise.proxy.http.upgrade import WEBSOCKET, after_upgrade, framing_of, wants_websocket
 from poise.proxy.http.upstream import UPSTREAM_FULL
 from poise.proxy.proxy_protocol import connection_addresses
 
@@ -58,7 +58,7 @@ class ClientConnection:
                  "parser", "deadline",
                  "current", "queue", "draining", "closed", "write_paused", "_parsing",
                  "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
-                 "_upgrade_body", "_idle", "_guard", "_held")
+                 "_upgrade_body", "early", "_idle", "_guard", "_held")
 
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -91,6 +91,9 @@ class ClientConnection:
         self._header_count = 0
         self._bounds = MessageBounds()
         self._upgrade_body: bytes | None = None
+        # After a WebSocket handshake request: what the client sent after it, kept
+        # until the backend answers (sent on after a 101), with reading blocked.
+        self.early: list[bytes] | None = None
         self._idle = False
 
     # -- asyncio callbacks -------------------------------------------------------------
@@ -162,7 +165,9 @@ class ClientConnection:
         return True
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self._failed is not None:
+        if self.closed or self._failed is not None or self.early is not None:
+            if self.early is not None and not self.closed:
+                self.early.append(data)     # (a read already under way as it paused)
             return
         self.site.bytes_in += len(data)
         bounds = self._bounds
@@ -185,7 +190,7 @@ class ClientConnection:
                     self._head_continues()
         if upgraded_at >= 0:
             # Outside the except block: errors in the rest must not chain onto it.
-            self._after_upgrade(data, upgraded_at)
+            after_upgrade(self, data, upgraded_at)
         cur = self.current
         if cur is not None and cur._up_out:
             cur.flush_upstream()
@@ -255,9 +260,16 @@ class ClientConnection:
         if target[:1] != b"/":
             target = origin_form(target, ex, method)
         ex.head_complete(method, target, bounds.http11, parser.should_keep_alive())
-        if ex.upgrade and parser.should_upgrade():
-            # Declined (never forwarded); its body, if any, is parsed after the head.
-            self._upgrade_body = framing_of(ex.content_length, ex.chunked)
+        if ex.upgrade is not None and parser.should_upgrade():
+            if wants_websocket(ex, method, bounds.http11):
+                # Forwarded if its route allows; nothing after it is parsed (a 101
+                # makes the connection a relay, any other answer closes it).
+                ex.websocket = WEBSOCKET
+                ex.keep_alive = False
+                self.early = []
+            else:
+                # Declined (never forwarded); its body, if any, is parsed after the head.
+                self._upgrade_body = framing_of(ex.content_length, ex.chunked)
         if self.current is None:
             self.current = ex
             ex.start()
@@ -294,21 +306,6 @@ class ClientConnection:
             return
         if self.deadline.when is None:
             self.deadline.set(site.header_timeout)
-
-    def _after_upgrade(self, data: bytes, offset: int) -> None:
-        """An Upgrade request was parsed; we never upgrade, so parse on as HTTP/1.1."""
-        self._bounds = MessageBounds()
-        framing = self._upgrade_body
-        if framing is None:
-            self.parser = httptools.HttpRequestParser(self)
-        else:
-            self._upgrade_body = None
-            self.parser = BodyAfterUpgrade(self, framing).parser
-            if self._parsing is not None and self._parsing.chunked:
-                self._bounds.scanner = ChunkScanner()
-        rest = data[offset:]
-        if rest:
-            self.data_received(rest)
 
     # -- flow control --------------------------------------------------------------------
 

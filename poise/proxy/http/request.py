@@ -40,7 +40,7 @@ class RequestHead:
     expect_continue: bool
     xff: bytes | None
     connection: list[bytes] | None
-    upgrade: bool
+    upgrade: bytes | None       # the Upgrade header's value (None: none)
     max_body: int
 
     def add_watched(self, name: bytes, value: bytes) -> None:
@@ -72,7 +72,7 @@ class RequestHead:
         elif low == b"connection":
             self.connection = (self.connection or []) + [value]
         elif low == b"upgrade":
-            self.upgrade = True
+            self.upgrade = value
         # other hop-by-hop and X-Forwarded-Proto/-Host: dropped, poise sets its own
 
     def finish_head(self, http11: bool) -> None:

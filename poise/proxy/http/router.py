@@ -21,14 +21,17 @@ Predicate = Callable[[bytes, bytes, bytes, list], bool]
 
 
 class RouteTarget:
-    """Where a route leads: its cluster's runtime, and its rate limits (a
-    :class:`~poise.proxy.http.limiting.RouteLimits`, or None)."""
+    """Where a route leads: its cluster's runtime, its rate limits (a
+    :class:`~poise.proxy.http.limiting.RouteLimits`, or None) and its WebSocket
+    settings (a :class:`~poise.config.model.WebSocket`; None: upgrades declined)."""
 
-    __slots__ = ("cluster", "limits")
+    __slots__ = ("cluster", "limits", "websocket")
 
-    def __init__(self, cluster: ClusterRuntime, limits: RouteLimits | None = None) -> None:
+    def __init__(self, cluster: ClusterRuntime, limits: RouteLimits | None = None,
+                 websocket: Any = None) -> None:
         self.cluster = cluster
         self.limits = limits
+        self.websocket = websocket
 
     def __repr__(self) -> str:
         return f"<RouteTarget {self.cluster!r} limits={self.limits!r}>"

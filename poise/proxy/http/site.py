@@ -70,7 +70,8 @@ class Site:
         self.tracer = tracer
         limits = limiters.route_limits(spec) if limiters is not None else [None] * len(
             spec.routes)
-        targets = [RouteTarget(clusters[route.cluster], limit)
+        targets = [RouteTarget(clusters[route.cluster], limit,
+                               route.websocket if route.websocket.enabled else None)
                    for route, limit in zip(spec.routes, limits, strict=True)]
         self.router = Router(spec.routes, clusters, targets)
         # With routes that match on SNI: the routes of each server name, built on

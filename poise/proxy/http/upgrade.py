@@ -1,11 +1,20 @@
-"""Declining an HTTP Upgrade (``h2c``, WebSocket) while keeping the request's body.
+"""HTTP Upgrade on the client side: a WebSocket handshake is let through, any other
+upgrade (``h2c``, a WebSocket request poise cannot forward) is declined while its body
+is kept.
 
-poise never upgrades a connection; it strips ``Upgrade`` and answers in HTTP/1.1, as
-RFC 9110 §7.8 allows.  httptools, however, stops parsing at the head of any request
-llhttp flags as an upgrade and hands back the rest as "upgraded" bytes — including a
-body announced by Content-Length or chunked framing.  :class:`BodyAfterUpgrade` parses
-that body with a fresh parser primed by a synthetic head with the same framing, then
-relays every later callback to the client connection unchanged.
+A **WebSocket** opening handshake (RFC 6455 §4.1: a GET, HTTP/1.1, no body, Upgrade
+listing ``websocket``) is forwarded if its route allows (``Exchange.start``); nothing
+the client sends after it is parsed: it is kept (``ClientConnection.early``) and the
+connection stops reading until the backend answers.  A ``101`` turns both connections
+into a byte relay (:mod:`poise.proxy.http.tunnel`) that sends what was kept first; any
+other answer is an ordinary response after which the connection closes.
+
+**Declined** upgrades: poise strips ``Upgrade`` and answers in HTTP/1.1, as RFC 9110
+§7.8 allows.  httptools, however, stops parsing at the head of any request llhttp
+flags as an upgrade and hands back the rest as "upgraded" bytes — including a body
+announced by Content-Length or chunked framing.  :class:`BodyAfterUpgrade` parses that
+body with a fresh parser primed by a synthetic head with the same framing, then relays
+every later callback to the client connection unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +23,49 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from poise.proxy.http.bounds import ChunkScanner, MessageBounds
+
 if TYPE_CHECKING:
+    from poise.proxy.http.exchange import Exchange
     from poise.proxy.http.protocol import ClientConnection
+
+# Exchange.websocket of a handshake request not routed yet.
+WEBSOCKET = True
+# ClientConnection read-blocking reason: a WebSocket handshake waits for its answer.
+AWAITING_SWITCH = 16
+
+
+def wants_websocket(ex: Exchange, method: bytes, http11: bool) -> bool:
+    """Whether ``ex`` (an Upgrade request) is a WebSocket opening handshake poise may
+    forward: a GET in HTTP/1.1 without a body whose Upgrade lists ``websocket``."""
+    value = ex.upgrade
+    if value is None or method != b"GET" or not http11 or ex.content_length > 0 \
+            or ex.chunked:
+        return False
+    return any(token.strip().lower() == b"websocket" for token in value.split(b","))
+
+
+def after_upgrade(conn: ClientConnection, data: bytes, offset: int) -> None:
+    """httptools stopped at an Upgrade request's end, ``offset`` into ``data``."""
+    rest = data[offset:]
+    early = conn.early
+    if early is not None:       # a WebSocket handshake: keep the rest, wait
+        if rest:
+            early.append(rest)
+        conn.block_reading(AWAITING_SWITCH)
+        return
+    # Declined: parse on as HTTP/1.1.
+    conn._bounds = MessageBounds()
+    framing = conn._upgrade_body
+    if framing is None:
+        conn.parser = httptools.HttpRequestParser(conn)
+    else:
+        conn._upgrade_body = None
+        conn.parser = BodyAfterUpgrade(conn, framing).parser
+        if conn._parsing is not None and conn._parsing.chunked:
+            conn._bounds.scanner = ChunkScanner()
+    if rest:
+        conn.data_received(rest)
 
 
 def framing_of(content_length: int, chunked: bool) -> bytes | None:

@@ -43,6 +43,7 @@ from poise.proxy.deadline import Deadline
 from poise.proxy.dial import dial, tls_failure, warn_tls
 from poise.proxy.http.accounting import Tries
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
+from poise.proxy.http.tunnel import open_tunnel
 from poise.proxy.proxy_protocol import header_for
 
 if TYPE_CHECKING:
@@ -320,8 +321,19 @@ class UpstreamConnection:
         ex.response_started = True
         try:
             self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
-            # (HttpParserUpgrade: a 101, which on_informational already refused.)
+        except httptools.HttpParserUpgrade as e:
+            # A 101: to a WebSocket handshake, the relay starts (what follows the head
+            # is the backend's first frames); else on_informational refused it.
+            if ex.status == 101 and self.exchange is ex:
+                open_tunnel(ex, self, data[e.args[0]:])
+                return
+            self.usable = False
+            if not self._done:
+                self.close()
+                if self.exchange is ex:
+                    ex.upstream_failed(self, UpstreamProtocolError("unexpected 101"))
+            return
+        except httptools.HttpParserError as e:
             self.usable = False
             if self.exchange is not ex:     # the exchange has already dealt with it
                 self.close()

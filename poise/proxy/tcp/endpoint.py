@@ -26,7 +26,7 @@ HIGH_WATER = 1024 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # Reasons to stop reading (bit flags).
 _EARLY = 1          # the other side is not connected yet and enough is kept
-_PEER_FULL = 2      # the other side's write buffer is over its high-water mark
+PEER_FULL = 2      # the other side's write buffer is over its high-water mark
 
 
 class _ReadBuffer:
@@ -154,11 +154,11 @@ class Endpoint(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         if self.peer is not None:
-            self.peer.block(_PEER_FULL)
+            self.peer.block(PEER_FULL)
 
     def resume_writing(self) -> None:
         if self.peer is not None:
-            self.peer.unblock(_PEER_FULL)
+            self.peer.unblock(PEER_FULL)
 
     def block(self, reason: int) -> None:
         if not self._blocked and not self.closed:
