@@ -31,11 +31,11 @@ import hashlib
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import ssl
 import struct
-import threading
 import time
 
 import pytest
@@ -762,21 +762,68 @@ def test_megabytes_sent_before_a_slow_101_arrive_intact(stack, pki, tls):
         with sock:
             data = (handshake_request(new_key()) + frame(b"first") + frame(payload, 0x2) +
                     frame(b"last"))
-            sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
-            sender.start()                  # (blocks until poise reads on after the 101)
-            stream = RawStream(sock.recv)
+            # Sent while reading, from one thread: an SSLSocket must not be written and
+            # read by two threads at once (OpenSSL's SSL objects are not thread-safe:
+            # the threaded version of this test once read a spurious EOF over TLS).
+            duplex = Duplex(sock, data)     # (sending stalls until poise reads on)
+            stream = RawStream(duplex.recv)
             start, _ = stream.head()
             assert start.startswith("HTTP/1.1 101"), start
             assert stream.frame() == (0x1, b"first")
             opcode, echoed = stream.frame()
             assert (opcode, sha(echoed)) == (0x2, sha(payload))
             assert stream.frame() == (0x1, b"last")
-            sender.join(10)
+            assert duplex.sent_all()
+            sock.setblocking(True)
             sock.sendall(close_frame(1000))
             assert stream.frame() == (0x8, struct.pack("!H", 1000))
         (session,) = b.wait_sessions(1)
         assert [sha(m) for m in session.messages] == [sha("first"), sha(payload), sha("last")]
         wait_in_flight(px, {b.address: 0})
+
+
+class Duplex:
+    """Sends ``data`` on a socket (plain or TLS) while ``recv`` waits for bytes, both
+    from the calling thread: non-blocking, with select."""
+
+    def __init__(self, sock: socket.socket, data: bytes, timeout: float = 20.0) -> None:
+        self.sock = sock
+        self.out = memoryview(data)
+        self.timeout = timeout
+        sock.setblocking(False)
+
+    def _send_some(self) -> None:
+        try:
+            sent = self.sock.send(self.out[:256 * 1024])
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        self.out = self.out[sent:]
+
+    def recv(self, n: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        sock = self.sock
+        while time.monotonic() < deadline:
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            if not pending:
+                writers = [sock] if self.out else []
+                readable, writable, _ = select.select([sock], writers, [], 0.5)
+                if writable:
+                    self._send_some()
+                if not readable:
+                    continue
+            try:
+                return sock.recv(n)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+        raise TimeoutError(f"nothing received within {self.timeout}s")
+
+    def sent_all(self) -> bool:
+        """Send what is left (poise reads on by now); whether all of it went."""
+        deadline = time.monotonic() + self.timeout
+        while self.out and time.monotonic() < deadline:
+            select.select([], [self.sock], [], 0.5)
+            self._send_some()
+        return not self.out
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "keep-alive"])
