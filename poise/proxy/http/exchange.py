@@ -16,30 +16,26 @@ from typing import TYPE_CHECKING, Any
 from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
-from poise.errors import (
-    PoiseError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
-from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, start_trace
+from poise.errors import PoiseError, UpstreamProtocolError
+from poise.proxy.http.accounting import begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import (
     admit,
     arm_response_deadline,
-    deadline_error,
     drop_response,
     end_exchange,
+    fail_try,
     may_connect,
     may_retry,
     open_connection,
     resume_from_queue,
-    retry_request,
+    retry_stale,
 )
 
 if TYPE_CHECKING:
-    from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.downstream import Downstream
     from poise.proxy.http.router import RouteTarget
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
@@ -51,7 +47,7 @@ REPLAY_LIMIT = 64 * 1024
 # Request body buffered while no upstream connection is attached, before the client
 # connection stops reading.
 BUFFER_LIMIT = 64 * 1024
-BUFFERING = 4   # ClientConnection read-blocking reason
+BUFFERING = 4   # Downstream read-blocking reason
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -59,7 +55,7 @@ _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 
 
 class Exchange(RequestHead):
-    """The life of one request. Created by ClientConnection when a request begins."""
+    """The life of one request. Created by its Downstream when a request begins."""
 
     __slots__ = (
         "client", "cluster", "method", "target", "http11", "keep_alive", "head_only",
@@ -82,7 +78,7 @@ class Exchange(RequestHead):
     _started_at: float
     _timer: Any
 
-    def __init__(self, client: ClientConnection, max_body: int) -> None:
+    def __init__(self, client: Downstream, max_body: int) -> None:
         # RequestHead's slots
         self.fields: list[bytes] = []
         self.host: bytes | None = None
@@ -350,27 +346,9 @@ class Exchange(RequestHead):
                          chunked: bool) -> None:
         """The backend's final response head; ``fields`` are its end-to-end header
         lines (flat name, ": ", value, CRLF groups)."""
-        client = self.client
-        cluster = self.cluster
-        if status >= 500:
-            self.pool.errors += 1
-        if cluster.observe is not None:
-            self._observe(status < 500)
-        if cluster.failure_statuses is not None:
-            if status in cluster.failure_statuses:
-                cluster.report(self.pool, cluster.outcome_of(status))
-            elif self.pool.failing:
-                cluster.report(self.pool, Outcome.SUCCESS)
-        if cluster.retry is not None and status in cluster.retry.statuses \
-                and may_retry(self, "on_status"):
-            end_try(self, status)
-            drop_response(self)
+        if not self.accept_response(status, fields):
             return
-        self.status = status
-        if cluster.set_cookie is not None:
-            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
-            if cookie:
-                fields.append(b"set-cookie: " + cookie + CRLF)
+        client = self.client
         close = (not self.keep_alive or not self.request_complete
                  or (client.draining and not client.queue))
         if not has_length and not (self.head_only or status == 204 or status == 304):
@@ -389,6 +367,32 @@ class Exchange(RequestHead):
         self._out.append((STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
         self.response_head_sent = True
 
+    def accept_response(self, status: int, fields: list[bytes]) -> bool:
+        """Account for a final response head from the backend (errors, latency,
+        outlier detection) and add a sticky cookie to ``fields``; False when it is
+        dropped for a retry instead (nothing of it reaches the client)."""
+        cluster = self.cluster
+        if status >= 500:
+            self.pool.errors += 1
+        if cluster.observe is not None:
+            self._observe(status < 500)
+        if cluster.failure_statuses is not None:
+            if status in cluster.failure_statuses:
+                cluster.report(self.pool, cluster.outcome_of(status))
+            elif self.pool.failing:
+                cluster.report(self.pool, Outcome.SUCCESS)
+        if cluster.retry is not None and status in cluster.retry.statuses \
+                and may_retry(self, "on_status"):
+            end_try(self, status)
+            drop_response(self)
+            return False
+        self.status = status
+        if cluster.set_cookie is not None:
+            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
+            if cookie:
+                fields.append(b"set-cookie: " + cookie + CRLF)
+        return True
+
     def flush_client(self) -> None:
         out = self._out
         if out:
@@ -404,15 +408,8 @@ class Exchange(RequestHead):
 
     def on_response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response is complete: flush, recycle the connection, finish."""
-        out = self._out
-        if self._chunk_out:
-            out.append(LAST_CHUNK)
+        self.end_response()
         client = self.client
-        if out and not client.closed:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            client.transport.write(data)
-            self.bytes_sent += len(data)
-            self._wrote_client = True
         self.conn = None
         self.finished = True
         # One clock read for the try's end and the request's (0: none needed).
@@ -424,6 +421,18 @@ class Exchange(RequestHead):
         else:
             conn.close()
         client.exchange_done(self)
+
+    def end_response(self) -> None:
+        """Send the rest of the response and its end."""
+        out = self._out
+        if self._chunk_out:
+            out.append(LAST_CHUNK)
+        client = self.client
+        if out and not client.closed:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            client.transport.write(data)
+            self.bytes_sent += len(data)
+            self._wrote_client = True
 
     def respond_error(self, error: BaseException) -> None:
         """Answer with the status for ``error`` (before any response byte was sent).
@@ -459,47 +468,13 @@ class Exchange(RequestHead):
     def upstream_lost(self, conn: UpstreamConnection, error: PoiseError) -> None:
         """The connection closed under us. A reused connection that died before any
         response byte is retried once on a fresh one, when the request is replayable."""
-        if (conn.reused and not self.response_started and not self._retried
-                and self._replay is not None and not self.finished):
-            self._retried = True
-            self.conn = None
-            if self.trace is not None:
-                self.trace.end_try(None, "stale_connection")
-            # Everything sent so far, again: the head, then the body bytes seen (some
-            # may still wait in _up_out, which follows them).
-            self._up_out[:0] = [self._request_head(), *self._replay]
-            if self.cluster.limits is None or may_connect(self):
-                open_connection(self)
-            return
-        self.upstream_failed(conn, error)
+        if not retry_stale(self, conn):
+            self.upstream_failed(conn, error)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
-        cluster = self.cluster
-        self.pool.errors += 1
-        if isinstance(error, UpstreamTimeout):
-            self.pool.tries.timeouts += 1
-        end_try(self, NO_RESPONSE, error)
-        if not self.response_head_sent and cluster is not None:
-            if cluster.observe is not None:
-                self._observe(False)
-            if cluster.failure_statuses is not None:
-                cluster.report(self.pool, Outcome.GATEWAY_ERROR)
-        if conn is not None:
-            conn.exchange = None
-            conn.close()
-        self.conn = None
-        if self.finished:
-            return
-        if self._wrote_client:
-            self.finished = True    # truncated response: the client must see a close
-            end_exchange(self)
-            self.client.abort()
-            return
-        if may_retry(self, "on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
-            retry_request(self, error)
-            return
-        self._out.clear()
-        self.respond_error(deadline_error(self, error))
+        """This try failed with ``error`` (``conn``, if any, is closed): retry it, or
+        answer the client (502/503/504), or cut off a response already begun."""
+        fail_try(self, conn, error)
 
     def abandon(self) -> None:
         """The client went away: drop the upstream side without reusing it."""

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
 from poise.core.retry import backoff
-from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
+from poise.errors import (
+    Overloaded,
+    PoiseError,
+    RequestDeadlineExceeded,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from poise.proxy.deadline import SLACK
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
 
@@ -303,6 +309,58 @@ def _resend(ex: Exchange, pool: UpstreamPool, error: PoiseError) -> None:
 
 
 # -- the end ---------------------------------------------------------------------------
+
+
+# -- failed tries ------------------------------------------------------------------
+
+
+def retry_stale(ex: Exchange, conn: UpstreamConnection) -> bool:
+    """A reused connection closed under ``ex``: when it died before any response byte
+    and the request is replayable, re-send it once on a fresh connection (True)."""
+    if (not conn.reused or ex.response_started or ex._retried or ex._replay is None
+            or ex.finished):
+        return False
+    ex._retried = True
+    ex.conn = None
+    if ex.trace is not None:
+        ex.trace.end_try(None, "stale_connection")
+    # Everything sent so far, again: the head, then the body bytes seen (some may still
+    # wait in _up_out, which follows them).
+    ex._up_out[:0] = [ex._request_head(), *ex._replay]
+    if ex.cluster.limits is None or may_connect(ex):
+        open_connection(ex)
+    return True
+
+
+def fail_try(ex: Exchange, conn: UpstreamConnection | None, error: PoiseError) -> None:
+    """``ex``'s try failed with ``error``: count it, then retry, answer the client
+    (502/503/504) or, when response bytes already went out, cut the client off."""
+    cluster = ex.cluster
+    ex.pool.errors += 1
+    if isinstance(error, UpstreamTimeout):
+        ex.pool.tries.timeouts += 1
+    end_try(ex, NO_RESPONSE, error)
+    if not ex.response_head_sent and cluster is not None:
+        if cluster.observe is not None:
+            ex._observe(False)
+        if cluster.failure_statuses is not None:
+            cluster.report(ex.pool, Outcome.GATEWAY_ERROR)
+    if conn is not None:
+        conn.exchange = None
+        conn.close()
+    ex.conn = None
+    if ex.finished:
+        return
+    if ex._wrote_client:
+        ex.finished = True      # truncated response: the client must see a close
+        end_exchange(ex)
+        ex.client.abort()
+        return
+    if may_retry(ex, "on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
+        retry_request(ex, error)
+        return
+    ex._out.clear()
+    ex.respond_error(deadline_error(ex, error))
 
 
 def end_exchange(ex: Exchange) -> None:
