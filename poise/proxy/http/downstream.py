@@ -34,7 +34,7 @@ class Downstream:
     is in flight; ``write_paused`` says the client cannot take more response bytes."""
 
     __slots__ = ("site", "loop", "transport", "peer_ip", "proxied", "sni", "forwarded",
-                 "queue", "draining", "closed", "write_paused")
+                 "queue", "draining", "closed", "write_paused", "h2")
 
     def __init__(self, site: Site) -> None:
         self.site = site
@@ -48,6 +48,7 @@ class Downstream:
         self.draining = False
         self.closed = False
         self.write_paused = False
+        self.h2 = False             # an HTTP/2 stream (logs and traces say so)
 
     def exchange_done(self, ex: Exchange) -> None:
         """``ex`` has sent its whole response (or failed, or was abandoned)."""
@@ -67,6 +68,12 @@ class Downstream:
     def abort(self) -> None:
         """Cut the client off: a response already begun must be seen as truncated."""
         raise NotImplementedError
+
+    def owner(self) -> Any:
+        """The client connection, to which an upstream connection that began with a
+        PROXY header naming its client is private (it has ``closed`` and
+        ``addresses()``): this object, or an HTTP/2 stream's session."""
+        return self
 
     def addresses(self) -> tuple[Any, Any]:
         """``(client, local)`` addresses, each ``(ip, port)``, or None where unknown."""

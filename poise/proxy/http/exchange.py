@@ -207,7 +207,7 @@ class Exchange(RequestHead):
                 conn.close()
                 conn = pool.take_idle()
         else:   # connections name their client: only this client's may be reused
-            conn = pool.take_owned(self.client)
+            conn = pool.take_owned(self.client.owner())
         if conn is not None:
             conn.reused = True
             begin_try(self)

@@ -19,10 +19,9 @@ from poise.proxy.http.errors import status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import status_line
 
-# RST_STREAM codes (RFC 9113 §7).
-NO_ERROR = 0
+# The RST_STREAM code of a response that cannot be completed (RFC 9113 §7; the
+# others poise sends are in poise.proxy.http2.codec).
 INTERNAL_ERROR = 2
-CANCEL = 8
 
 
 class H2Stream(Downstream):
@@ -47,6 +46,7 @@ class H2Stream(Downstream):
         self.blocked = 0
         self.unacked = 0
         self.reset = False          # reset by either side: nothing more is sent on it
+        self.h2 = True
 
     def exchange_done(self, ex: Exchange) -> None:
         self.session.stream_done(self)
@@ -68,6 +68,9 @@ class H2Stream(Downstream):
         if not self.closed:
             self.closed = True
             self.session.reset_stream(self, INTERNAL_ERROR)
+
+    def owner(self) -> Any:
+        return self.session
 
     def addresses(self) -> tuple[Any, Any]:
         result: tuple[Any, Any] = self.session.addresses()

@@ -69,7 +69,7 @@ def admit(ex: Exchange, cluster: ClusterRuntime) -> None:
 def open_connection(ex: Exchange) -> None:
     """Open a connection to ``ex.pool`` (counted against the limits at once)."""
     ex.connecting = True
-    ex.client.loop.create_task(_connect(ex, ex.pool.connect(_connect_timeout(ex), ex.client)))
+    ex.client.loop.create_task(_connect(ex, ex.pool.connect(_connect_timeout(ex), ex.client.owner())))
 
 
 async def _connect(ex: Exchange, connecting: Awaitable[UpstreamConnection]) -> None:
@@ -120,7 +120,7 @@ async def _connect_failing_over(ex: Exchange,
             if ex.trace is not None:    # nothing was sent: the head names the new try
                 ex._up_out[0] = ex._request_head()
             begin_try(ex)
-            connecting = nxt.connect(_connect_timeout(ex), ex.client)
+            connecting = nxt.connect(_connect_timeout(ex), ex.client.owner())
             if ex.cluster.load_changed is not None:
                 ex.cluster.load_changed(pool.backend)
                 ex.cluster.load_changed(nxt.backend)

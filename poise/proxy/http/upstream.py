@@ -10,7 +10,8 @@ change how a connection is opened (:func:`poise.proxy.dial.dial`); once open, a 
 connection is pooled and reused like a plain one.
 
 A connection that began with a PROXY header names one client, so it is *private* to
-the client connection it was opened for (its ``owner``), as HAProxy makes such
+the client connection it was opened for (its ``owner``: a ClientConnection, or the
+H2Session of an HTTP/2 stream: ``Downstream.owner()``), as HAProxy makes such
 connections: it waits in the pool's idle list like any other (so ``max_idle``,
 ``idle_timeout`` and the connection limits see it), but only
 :meth:`UpstreamPool.take_owned` hands it out, and only to its owner.  The shared path
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from poise.proxy.http.cluster import ClusterRuntime
-    from poise.proxy.http.downstream import Downstream
     from poise.proxy.http.exchange import Exchange
 
 
@@ -96,7 +96,7 @@ class UpstreamPool:
         self.errors = 0
         # Tries by outcome and latency, for metrics (poise.proxy.http.accounting).
         self.tries = Tries()
-        self.owned: dict[Downstream, UpstreamConnection] = {}
+        self.owned: dict[Any, UpstreamConnection] = {}
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -108,7 +108,7 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def take_owned(self, owner: Downstream) -> UpstreamConnection | None:
+    def take_owned(self, owner: Any) -> UpstreamConnection | None:
         """The idle connection opened for client connection ``owner`` (its PROXY header
         names that client), taken out of the idle list; or None."""
         conn = self.owned.get(owner)
@@ -121,7 +121,7 @@ class UpstreamPool:
         return conn
 
     def connect(self, timeout: float | None = None,
-                owner: Downstream | None = None) -> Awaitable[UpstreamConnection]:
+                owner: Any = None) -> Awaitable[UpstreamConnection]:
         """Start opening a connection, counted against the limits from this call on;
         await the result for the connection (within ``timeout``, default
         ``connect_timeout``), or UpstreamConnectError / UpstreamConnectTimeout.
@@ -134,7 +134,7 @@ class UpstreamPool:
         return self._open(conn, timeout, owner)
 
     async def _open(self, conn: UpstreamConnection, timeout: float | None,
-                    owner: Downstream | None) -> UpstreamConnection:
+                    owner: Any) -> UpstreamConnection:
         b = self.backend
         cluster = self.cluster
         limit = self.connect_timeout if timeout is None else timeout
@@ -163,7 +163,7 @@ class UpstreamPool:
         return conn
 
     async def _dial(self, conn: UpstreamConnection, cluster: ClusterRuntime,
-                    owner: Downstream | None, limit: float) -> None:
+                    owner: Any, limit: float) -> None:
         """Open ``conn`` with TLS and/or a PROXY header naming ``owner``'s client."""
         b = self.backend
         preamble = b""
@@ -254,7 +254,7 @@ class UpstreamConnection:
         self.exchange: Exchange | None = None
         # The client connection this one is private to (it began with a PROXY header
         # naming that client), or None: shared.
-        self.owner: Downstream | None = None
+        self.owner: Any = None
         self.parser = httptools.HttpResponseParser(self)
         self.usable = False
         self.reused = False

@@ -31,23 +31,19 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-try:
-    from jh2 import events as ev
-    from jh2.config import H2Configuration
-    from jh2.connection import H2Connection
-    from jh2.exceptions import ProtocolError, StreamClosedError
-    from jh2.settings import SettingCodes, Settings
-except ImportError:         # pragma: no cover (jh2 is a dependency; h2 has its API)
-    from h2 import events as ev  # type: ignore[no-redef]
-    from h2.config import H2Configuration  # type: ignore[no-redef]
-    from h2.connection import H2Connection  # type: ignore[no-redef]
-    from h2.exceptions import ProtocolError, StreamClosedError  # type: ignore[no-redef]
-    from h2.settings import SettingCodes, Settings  # type: ignore[no-redef]
-
-from poise.errors import BadRequest, HeadersTooLarge, PoiseError, UriTooLong
-from poise.proxy.http.h2stream import CANCEL, NO_ERROR, H2Exchange, H2Stream
-from poise.proxy.http.headers import CRLF
-from poise.proxy.http.request import WATCH_FIRST
+from poise.errors import PoiseError
+from poise.proxy.http.h2stream import H2Exchange, H2Stream
+from poise.proxy.http2.codec import (
+    ENHANCE_YOUR_CALM,
+    NO_ERROR,
+    REFUSED_STREAM,
+    ProtocolError,
+    StreamClosedError,
+    events,
+    server_connection,
+)
+from poise.proxy.http2.request import fill_request
+from poise.proxy.http2.responses import ResponseFrames
 from poise.proxy.proxy_protocol import connection_addresses
 
 if TYPE_CHECKING:
@@ -55,28 +51,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poise")
 
-REFUSED_STREAM = 7
-ENHANCE_YOUR_CALM = 11
-# Response bytes waiting for window in one stream before its backend stops being read.
-PENDING_HIGH = 256 * 1024
-# Prematurely reset streams (reset by the client before their response ended) that
-# close the connection once they are also over half the streams it opened.
-RAPID_RESETS = 100
 # PING and SETTINGS frames (each) a client may send per second; empty DATA frames
 # (no END_STREAM) it may send per stream.
 CONTROL_PER_SECOND = 100
 EMPTY_DATA_PER_STREAM = 100
 
 
-def _config() -> Any:
-    return H2Configuration(client_side=False, header_encoding=None,
-                           validate_outbound_headers=False,
-                           normalize_outbound_headers=False,
-                           validate_inbound_headers=True,
-                           normalize_inbound_headers=True)
-
-
-class H2Session(asyncio.Protocol):
+class H2Session(ResponseFrames, asyncio.Protocol):
     """One client connection speaking HTTP/2 (after :meth:`adopt`)."""
 
     @classmethod
@@ -107,7 +88,8 @@ class H2Session(asyncio.Protocol):
         self.max_streams: int = settings.max_concurrent_streams
         self.stream_window: int = settings.initial_stream_window
         self.conn_window: int = settings.initial_connection_window
-        self.h2 = H2Connection(config=_config())
+        self.h2 = server_connection(self.max_streams, self.stream_window,
+                                    site.max_header_size)
         self.streams: dict[int, H2Stream] = {}
         # Response bytes waiting for window, per stream id: [chunks, size, end].
         self.pending: dict[int, list[Any]] = {}
@@ -128,12 +110,6 @@ class H2Session(asyncio.Protocol):
 
     def start(self, data: bytes) -> None:
         h2 = self.h2
-        # Initial values are in force at once (and sent in our SETTINGS).
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: self.stream_window,
-            SettingCodes.MAX_HEADER_LIST_SIZE: self.site.max_header_size,
-        })
         h2.initiate_connection()
         if self.conn_window > 65_535:
             h2.increment_flow_control_window(self.conn_window - 65_535)
@@ -223,7 +199,7 @@ class H2Session(asyncio.Protocol):
         ex = stream.exchange = H2Exchange(stream, self.site.max_request_body)
         self.streams[sid] = stream
         try:
-            self._request_head(ex, event.headers, event.stream_ended is not None)
+            fill_request(ex, self.site, event.headers, event.stream_ended is not None)
         except PoiseError as e:
             ex.route_name = ""          # (answered for no cluster: counted and logged)
             ex.respond_error(e)
@@ -232,49 +208,6 @@ class H2Session(asyncio.Protocol):
             ex.request_done()
         ex.start()
         self._touched.append(ex)
-
-    def _request_head(self, ex: H2Exchange, headers: Any, ended: bool) -> None:
-        """Fill ``ex`` from a request's header list (the codec has checked the
-        pseudo-headers and that no connection-specific field is there)."""
-        site = self.site
-        method = target = authority = b""
-        cookies: list[bytes] = []
-        ex.method = ex.target = b""
-        size = 0
-        for name, value in headers:
-            size += len(name) + len(value) + 32
-            if name[0] == 58:           # ":"
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    target = value
-                elif name == b":authority":
-                    authority = value
-            elif name == b"cookie":     # (split into crumbs in HTTP/2: RFC 9113 §8.2.3)
-                cookies.append(value)
-            elif name[0] in WATCH_FIRST:
-                ex.add_watched(name, value)
-            else:
-                ex.fields += (name, b": ", value, CRLF)
-        ex.method, ex.target = method, target
-        if size > site.max_header_size:
-            raise HeadersTooLarge(f"header list larger than {site.max_header_size} bytes")
-        if len(headers) > site.max_headers + 4:
-            raise HeadersTooLarge(f"more than {site.max_headers} headers")
-        if len(target) > site.max_request_line:
-            raise UriTooLong(f"request target longer than {site.max_request_line} bytes")
-        if method == b"CONNECT":
-            raise BadRequest("CONNECT is not supported")
-        if authority:
-            if ex.host is None:
-                ex.add_watched(b"host", authority)
-            elif ex.host != authority:
-                ex.set_host(authority)      # :authority wins (RFC 9113 §8.3.1)
-        if cookies:
-            ex.fields += (b"cookie", b": ", b"; ".join(cookies), CRLF)
-        if not ended and ex.content_length < 0:
-            ex.chunked = True           # a body of unknown length: chunked upstream
-        ex.head_complete(method, target, True, True)
 
     def _data(self, event: Any) -> None:
         flow = event.flow_controlled_length
@@ -332,142 +265,6 @@ class H2Session(asyncio.Protocol):
                 return
             self._write()
 
-    # -- responses ---------------------------------------------------------------------
-
-    def send_head(self, stream: H2Stream, status: int, fields: list[bytes],
-                  end: bool) -> None:
-        if stream.reset:
-            return
-        headers = [(b":status", b"%d" % status)]
-        for i in range(0, len(fields), 4):
-            headers.append((fields[i].lower(), fields[i + 2]))
-        try:
-            self.h2.send_headers(stream.stream_id, headers, end_stream=end)
-        except (StreamClosedError, ProtocolError):
-            stream.reset = stream.closed = True
-
-    def send_body(self, stream: H2Stream, data: bytes, end: bool) -> None:
-        """Send ``data`` (and END_STREAM with ``end``) as the window allows; keep the
-        rest, and stop reading the backend beyond PENDING_HIGH."""
-        sid = stream.stream_id
-        if stream.reset:
-            return
-        waiting = self.pending.get(sid)
-        if waiting is None:
-            data = self._send_window(stream, data)
-            if not data:
-                if end:
-                    self._end_stream(stream)
-                self._write()
-                return
-            waiting = self.pending[sid] = [[], 0, False]
-            self._stalled.setdefault(sid, self.loop.time())
-            self._watch_stalls()
-        if data:
-            waiting[0].append(data)
-            waiting[1] += len(data)
-        waiting[2] = waiting[2] or end
-        ex = stream.exchange
-        if waiting[1] > PENDING_HIGH and ex is not None and ex.conn is not None:
-            ex.conn.pause_reading()
-        self._write()
-
-    def _send_window(self, stream: H2Stream, data: bytes) -> bytes:
-        """Send what the window lets through of ``data``; return the rest."""
-        h2 = self.h2
-        sid = stream.stream_id
-        frame = h2.max_outbound_frame_size
-        while data:
-            try:
-                window = h2.local_flow_control_window(sid)
-            except (StreamClosedError, ProtocolError):
-                stream.reset = stream.closed = True
-                return b""
-            if window <= 0:
-                return data
-            n = min(window, frame, len(data))
-            h2.send_data(sid, data[:n])
-            data = data[n:]
-        return data
-
-    def _end_stream(self, stream: H2Stream) -> None:
-        try:
-            self.h2.end_stream(stream.stream_id)
-        except (StreamClosedError, ProtocolError):
-            stream.reset = True
-        self._retire_stream(stream)
-
-    def _window_opened(self, event: Any) -> None:
-        sids = list(self.pending) if event.stream_id == 0 else [event.stream_id]
-        for sid in sids:
-            waiting = self.pending.get(sid)
-            stream = self.streams.get(sid)
-            if waiting is None or stream is None:
-                continue
-            data = b"".join(waiting[0])
-            rest = self._send_window(stream, data)
-            waiting[0] = [rest] if rest else []
-            waiting[1] = len(rest)
-            if rest:
-                continue
-            del self.pending[sid]
-            self._stalled.pop(sid, None)
-            if waiting[2]:
-                self._end_stream(stream)
-            else:
-                ex = stream.exchange
-                if ex is not None and ex.conn is not None and not self.write_paused:
-                    ex.conn.resume_reading()
-
-    def stream_done(self, stream: H2Stream) -> None:
-        """The stream's exchange is over (its response handed to us, or failed)."""
-        if stream.stream_id not in self.pending:
-            self._retire_stream(stream)
-
-    def _retire_stream(self, stream: H2Stream) -> None:
-        sid = stream.stream_id
-        ex = stream.exchange
-        if ex is not None and not ex.request_complete and not stream.reset:
-            # Answered before the client finished sending: tell it to stop.
-            self.reset_stream(stream, NO_ERROR)
-        if ex is not None and not ex.finished:
-            return                      # (the exchange ends later: stream_done)
-        self.streams.pop(sid, None)
-        self._empty.pop(sid, None)
-        self._stalled.pop(sid, None)
-        if not self.streams:
-            if self.draining:
-                self._goaway(NO_ERROR)
-            else:
-                self._arm(self.site.idle_timeout)
-
-    def reset_stream(self, stream: H2Stream, code: int) -> None:
-        sid = stream.stream_id
-        self.pending.pop(sid, None)
-        if not stream.reset:
-            stream.reset = True
-            try:
-                self.h2.reset_stream(sid, code)
-            except (StreamClosedError, ProtocolError):
-                pass
-            self._write()
-
-    def _reset_by_client(self, event: Any) -> None:
-        stream = self.streams.pop(event.stream_id, None)
-        self.pending.pop(event.stream_id, None)
-        if stream is None:
-            return
-        stream.reset = stream.closed = True
-        ex = stream.exchange
-        if ex is not None and not ex.finished:
-            ex.abandon()
-            self._premature += 1
-            if self._premature > RAPID_RESETS and self._premature * 2 > self._opened:
-                self._calm("rapid reset")
-                return
-        if not self.streams and not self.draining:
-            self._arm(self.site.idle_timeout)
-
     # -- control frames, abuse, timers -------------------------------------------------
 
     def _control(self, event: Any) -> None:
@@ -475,7 +272,7 @@ class H2Session(asyncio.Protocol):
         if now - self._second >= 1.0:
             self._second = now
             self._pings = self._settings = 0
-        if isinstance(event, ev.PingReceived):
+        if isinstance(event, events.PingReceived):
             self._pings += 1
             flood = self._pings > CONTROL_PER_SECOND
         else:
@@ -521,26 +318,6 @@ class H2Session(asyncio.Protocol):
         if not self.streams and not self.closed:
             self._goaway(NO_ERROR)
 
-    def _watch_stalls(self) -> None:
-        if len(self._stalled) == 1:
-            self.loop.call_later(1.0, self._check_stalls)
-
-    def _check_stalls(self) -> None:
-        if self.closed or not self._stalled:
-            return
-        limit = self.loop.time() - self.site.idle_timeout
-        for sid, since in list(self._stalled.items()):
-            stream = self.streams.get(sid)
-            if stream is not None and since < limit and sid in self.pending:
-                del self._stalled[sid]
-                ex = stream.exchange
-                if ex is not None and not ex.finished:
-                    ex.abandon()
-                self.reset_stream(stream, CANCEL)
-                self.streams.pop(sid, None)
-        if self._stalled:
-            self.loop.call_later(1.0, self._check_stalls)
-
     # -- what the listener asks -------------------------------------------------------
 
     def drain(self) -> None:
@@ -568,12 +345,12 @@ class H2Session(asyncio.Protocol):
 
 
 _HANDLERS: dict[type, Any] = {
-    ev.RequestReceived: H2Session._request,
-    ev.DataReceived: H2Session._data,
-    ev.StreamEnded: H2Session._ended,
-    ev.StreamReset: H2Session._reset_by_client,
-    ev.WindowUpdated: H2Session._window_opened,
-    ev.PingReceived: H2Session._control,
-    ev.RemoteSettingsChanged: H2Session._control,
-    ev.ConnectionTerminated: H2Session._goaway_received,
+    events.RequestReceived: H2Session._request,
+    events.DataReceived: H2Session._data,
+    events.StreamEnded: H2Session._ended,
+    events.StreamReset: H2Session._reset_by_client,
+    events.WindowUpdated: H2Session._window_opened,
+    events.PingReceived: H2Session._control,
+    events.RemoteSettingsChanged: H2Session._control,
+    events.ConnectionTerminated: H2Session._goaway_received,
 }
