@@ -302,6 +302,9 @@ class Cluster(Strict):
     # tcp listeners: connected spares kept per backend and worker, so that a new
     # client connection skips the connect.
     warm_connections: int = Field(0, ge=0, le=1024)
+    # How HTTP requests reach the backends: HTTP/1.1 (keep-alive pools), or HTTP/2
+    # (``h2``: h2c, or ALPN h2 with ``tls``), streams multiplexed over few connections.
+    protocol: Literal["http1", "h2"] = "http1"
 
     @model_validator(mode="after")
     def _warm_without_proxy_header(self) -> Cluster:
@@ -309,6 +312,10 @@ class Cluster(Strict):
             raise ValueError("warm_connections and send_proxy_protocol exclude each other: "
                              "a PROXY header names a client, so a connection cannot be "
                              "opened before its client arrives")
+        if self.protocol == "h2" and self.send_proxy_protocol is not None:
+            raise ValueError("protocol h2 and send_proxy_protocol exclude each other: an "
+                             "HTTP/2 connection carries many clients' requests, and a "
+                             "PROXY header names one")
         return self
 
 

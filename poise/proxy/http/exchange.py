@@ -33,6 +33,7 @@ from poise.proxy.http.resilience import (
     resume_from_queue,
     retry_stale,
 )
+from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
     from poise.proxy.http.downstream import Downstream
@@ -64,7 +65,7 @@ class Exchange(RequestHead):
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
         "connecting", "began", "status", "bytes_sent", "attempts", "_try_began", "route_name",
-        "trace", "ended", "websocket",
+        "trace", "ended", "websocket", "raw_body", "trailers",
     )
     # Set once routed and picked (start): unset until then.
     cluster: ClusterRuntime
@@ -129,6 +130,11 @@ class Exchange(RequestHead):
         # A WebSocket handshake: upgrade.WEBSOCKET until routed, then the route's
         # settings (config.model.WebSocket); None: an ordinary request.
         self.websocket: Any = None
+        # The body goes to the backend as it came, unframed (an HTTP/2 backend: DATA
+        # frames; set when routed); and the response's trailer fields (flat, as
+        # ``fields``), relayed at its end where the client's protocol can carry them.
+        self.raw_body = False
+        self.trailers: list[bytes] | None = None
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -157,7 +163,10 @@ class Exchange(RequestHead):
                 self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
-            if self.websocket is not None:
+            if cluster.h2:
+                self.raw_body = True
+                self.websocket = None   # (no Upgrade over HTTP/2: a plain request)
+            elif self.websocket is not None:
                 self._route_websocket(target)
             limits = target.limits
             if limits is not None and not limits.check(self, 0, self.began):
@@ -200,6 +209,9 @@ class Exchange(RequestHead):
             cluster.load_changed(pool.backend)
         if cluster.observe is not None:
             self._started_at = self.client.loop.time()
+        if cluster.h2:
+            h2_send(self, pool)
+            return
         if cluster.send_proxy_protocol is None:
             idle = pool.idle
             conn = idle.pop() if idle else None
@@ -285,7 +297,8 @@ class Exchange(RequestHead):
             if self._body_seen > self.max_body:
                 self.client.reject_body("chunked body exceeds max_request_body")
                 return
-            data = chunk(data)
+            if not self.raw_body:
+                data = chunk(data)
         self._up_out.append(data)
         self._up_size += len(data)
         replay = self._replay
@@ -306,7 +319,9 @@ class Exchange(RequestHead):
                 conn.deadline.push(conn.pool.response_timeout)
             else:
                 arm_response_deadline(self, conn)
-        if self.chunked:
+        if self.raw_body:
+            self._up_out.append(b"")    # (so that a flush tells the backend it ended)
+        elif self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:
                 self._replay.append(LAST_CHUNK)
@@ -426,7 +441,9 @@ class Exchange(RequestHead):
         """Send the rest of the response and its end."""
         out = self._out
         if self._chunk_out:
-            out.append(LAST_CHUNK)
+            trailers = self.trailers
+            out.append(LAST_CHUNK if trailers is None
+                       else b"0\r\n" + b"".join(trailers) + CRLF)
         client = self.client
         if out and not client.closed:
             data = out[0] if len(out) == 1 else b"".join(out)

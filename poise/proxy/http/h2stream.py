@@ -81,13 +81,18 @@ class H2Stream(Downstream):
 
 
 class H2Exchange(Exchange):
-    """An exchange whose client is an HTTP/2 stream."""
+    """An exchange whose client is an HTTP/2 stream.
 
-    __slots__ = ("stream",)
+    The response head is held (``_head``) until the first body bytes or the end, so
+    that a response without a body goes out as one HEADERS frame with END_STREAM (what
+    gRPC calls "trailers-only": its errors are such responses)."""
+
+    __slots__ = ("stream", "_head")
 
     def __init__(self, stream: H2Stream, max_body: int) -> None:
         super().__init__(stream, max_body)
         self.stream = stream
+        self._head: tuple[int, list[bytes]] | None = None
 
     def on_informational(self, status: int, fields: list[bytes]) -> None:
         if status == 101:           # no Upgrade is forwarded for an HTTP/2 request
@@ -103,10 +108,16 @@ class H2Exchange(Exchange):
                 self.head_only or status == 204 or status == 304):
             self.until_close = True     # (the backend's close ends the body)
         self.response_head_sent = True
-        self.stream.session.send_head(self.stream, status, fields, False)
-        # The upstream flushes a response only when _out holds something: the head is
-        # already with the session, so a marker stands for it.
+        self._head = (status, fields)
+        # The upstream flushes a response only when _out holds something: a marker
+        # stands for the head.
         self._out.append(b"")
+
+    def _send_head(self, end: bool) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.stream.session.send_head(self.stream, head[0], head[1], end)
 
     def flush_client(self) -> None:
         out = self._out
@@ -115,9 +126,11 @@ class H2Exchange(Exchange):
             out.clear()
             stream = self.stream
             if not stream.closed:
-                self.bytes_sent += len(data)
-                self._wrote_client = True
-                stream.session.send_body(stream, data, False)
+                self._send_head(False)
+                if data:
+                    self.bytes_sent += len(data)
+                    self._wrote_client = True
+                    stream.session.send_body(stream, data, False)
 
     def end_response(self) -> None:
         out = self._out
@@ -127,7 +140,17 @@ class H2Exchange(Exchange):
         if not stream.closed:
             self.bytes_sent += len(data)
             self._wrote_client = True
-            stream.session.send_body(stream, data, True)
+            trailers = self.trailers
+            if self._head is not None and not data and trailers is None:
+                self._send_head(True)       # one HEADERS frame with END_STREAM
+                stream.session.stream_ended(stream)
+                return
+            self._send_head(False)
+            if trailers is None:
+                stream.session.send_body(stream, data, True)
+            else:                   # (gRPC's status is in them)
+                stream.session.send_body(stream, data, False)
+                stream.session.send_trailers(stream, trailers)
 
     def respond_error(self, error: BaseException) -> None:
         status = self.status = status_of(error)

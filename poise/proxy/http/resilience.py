@@ -23,6 +23,7 @@ from poise.errors import (
 )
 from poise.proxy.deadline import SLACK
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
+from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -327,7 +328,9 @@ def retry_stale(ex: Exchange, conn: UpstreamConnection) -> bool:
     # Everything sent so far, again: the head, then the body bytes seen (some may still
     # wait in _up_out, which follows them).
     ex._up_out[:0] = [ex._request_head(), *ex._replay]
-    if ex.cluster.limits is None or may_connect(ex):
+    if ex.cluster.h2:
+        h2_send(ex, ex.pool)        # (a stream on another connection, or a new one)
+    elif ex.cluster.limits is None or may_connect(ex):
         open_connection(ex)
     return True
 

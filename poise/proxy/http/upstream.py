@@ -68,7 +68,7 @@ class UpstreamPool:
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors", "tries", "owned")
+                 "failing", "requests", "errors", "tries", "owned", "h2")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -97,6 +97,9 @@ class UpstreamPool:
         # Tries by outcome and latency, for metrics (poise.proxy.http.accounting).
         self.tries = Tries()
         self.owned: dict[Any, UpstreamConnection] = {}
+        # HTTP/2 clusters: this backend's connections and the requests waiting for one
+        # (a poise.proxy.http2.upstream.H2Pool, made on first use), else None.
+        self.h2: Any = None
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -216,6 +219,8 @@ class UpstreamPool:
         cutoff = now - self.idle_timeout
         while idle and idle[0].idle_since < cutoff:
             idle.popleft().close()
+        if self.h2 is not None:
+            self.h2.expire(now)
         owned = self.owned
         if owned:
             for owner in [o for o in owned if o.closed]:
@@ -236,6 +241,8 @@ class UpstreamPool:
     def close_idle(self) -> None:
         while self.idle:
             self.idle.pop().close()
+        if self.h2 is not None:
+            self.h2.close_idle()
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.backend.address} active={self.active} idle={len(self.idle)}>"

@@ -19,7 +19,8 @@ except ImportError:         # pragma: no cover (jh2 is a dependency; h2 has its 
     from h2.exceptions import ProtocolError, StreamClosedError  # type: ignore[no-redef]
     from h2.settings import SettingCodes, Settings  # type: ignore[no-redef]
 
-__all__ = ["ProtocolError", "StreamClosedError", "events", "server_connection"]
+__all__ = ["H2Configuration", "H2Connection", "ProtocolError", "SettingCodes", "Settings",
+           "StreamClosedError", "events", "server_connection"]
 
 # Error codes (RFC 9113 §7) poise sends.
 NO_ERROR = 0

@@ -57,6 +57,22 @@ class ResponseFrames:
         except (StreamClosedError, ProtocolError):
             stream.reset = stream.closed = True
 
+    def stream_ended(self, stream: H2Stream) -> None:
+        """The response went out whole with its HEADERS (END_STREAM set)."""
+        self._retire_stream(stream)
+        self._write()
+
+    def send_trailers(self, stream: H2Stream, fields: list[bytes]) -> None:
+        """End the stream with trailer fields (flat, as ``fields``), after its data."""
+        if stream.reset:
+            return
+        waiting = self.pending.get(stream.stream_id)
+        if waiting is not None:
+            waiting[2] = fields         # (sent once the data before them is)
+            return
+        self._end_stream(stream, fields)
+        self._write()
+
     def send_body(self, stream: H2Stream, data: bytes, end: bool) -> None:
         """Send ``data`` (and END_STREAM with ``end``) as the window allows; keep the
         rest, and stop reading the backend beyond PENDING_HIGH."""
@@ -77,7 +93,8 @@ class ResponseFrames:
         if data:
             waiting[0].append(data)
             waiting[1] += len(data)
-        waiting[2] = waiting[2] or end
+        if end:
+            waiting[2] = True
         ex = stream.exchange
         if waiting[1] > PENDING_HIGH and ex is not None and ex.conn is not None:
             ex.conn.pause_reading()
@@ -101,9 +118,15 @@ class ResponseFrames:
             data = data[n:]
         return data
 
-    def _end_stream(self, stream: H2Stream) -> None:
+    def _end_stream(self, stream: H2Stream, trailers: list[bytes] | None = None) -> None:
+        """END_STREAM, on trailers (HEADERS) when there are some."""
         try:
-            self.h2.end_stream(stream.stream_id)
+            if trailers is None:
+                self.h2.end_stream(stream.stream_id)
+            else:
+                self.h2.send_headers(stream.stream_id, [
+                    (trailers[i].lower(), trailers[i + 2]) for i in range(0, len(trailers), 4)
+                ], end_stream=True)
         except (StreamClosedError, ProtocolError):
             stream.reset = True
         self._retire_stream(stream)
@@ -123,8 +146,10 @@ class ResponseFrames:
                 continue
             del self.pending[sid]
             self._stalled.pop(sid, None)
-            if waiting[2]:
+            if waiting[2] is True:
                 self._end_stream(stream)
+            elif waiting[2]:            # trailers
+                self._end_stream(stream, waiting[2])
             else:
                 ex = stream.exchange
                 if ex is not None and ex.conn is not None and not self.write_paused:
