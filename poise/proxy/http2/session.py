@@ -213,7 +213,10 @@ class H2Session(ResponseFrames, asyncio.Protocol):
         flow = event.flow_controlled_length
         self._conn_unacked += flow
         if self._conn_unacked >= self.conn_window // 4:
-            self.h2.increment_flow_control_window(self._conn_unacked)
+            try:
+                self.h2.increment_flow_control_window(self._conn_unacked)
+            except ProtocolError:       # (closed by a GOAWAY earlier in this read)
+                return
             self._conn_unacked = 0
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.exchange is None:
@@ -232,7 +235,7 @@ class H2Session(ResponseFrames, asyncio.Protocol):
             return
         stream.unacked += flow
         if not stream.blocked and stream.unacked >= self.stream_window // 2:
-            self.grant(stream)
+            self.grant(stream, write=False)     # (data_received writes once at its end)
         self._touched.append(ex)
 
     def _ended(self, event: Any) -> None:
@@ -254,7 +257,7 @@ class H2Session(ResponseFrames, asyncio.Protocol):
         else:
             stream.abort()
 
-    def grant(self, stream: H2Stream) -> None:
+    def grant(self, stream: H2Stream, write: bool = True) -> None:
         """Let the client send the request-body bytes its stream has had taken."""
         n = stream.unacked
         if n and not stream.reset:
@@ -263,7 +266,8 @@ class H2Session(ResponseFrames, asyncio.Protocol):
                 self.h2.increment_flow_control_window(n, stream.stream_id)
             except (StreamClosedError, ProtocolError):
                 return
-            self._write()
+            if write:
+                self._write()
 
     # -- control frames, abuse, timers -------------------------------------------------
 
