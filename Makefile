@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/global_limit.py
 	$(BIN)/python bench/ratelimit_memory.py
 	$(BIN)/python bench/tcp.py
+	$(BIN)/python bench/websocket.py
 	$(BIN)/python bench/http2.py
 
 lint: install

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -26,6 +26,7 @@ from poise.config.fields import (
     dump_percent,
     printable,
 )
+from poise.config.units import parse_duration
 from poise.core.units import parse_percent
 
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?$")
@@ -115,7 +116,9 @@ class HealthCheck(Strict):
     # A substring the response body must contain.
     expect_body: str | None = None
     interval: PositiveDuration = 2.0
-    # Must not exceed ``interval``: probes of one backend never overlap.
+    # Must not exceed ``interval``: probes of one backend never overlap.  Default: 1 s,
+    # or ``interval`` when that is shorter (filled in when the settings are read, so
+    # that a config written back out checks the same).
     timeout: PositiveDuration = 1.0
     # Each wait is interval × (1 ± jitter), so that workers do not probe in lockstep.
     jitter: Percent = 0.10
@@ -159,6 +162,18 @@ class HealthCheck(Strict):
         if v > 0.5:
             raise ValueError("must be at most 50%")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_timeout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("timeout") is None and "interval" in data:
+            try:
+                interval = parse_duration(data["interval"])
+            except (TypeError, ValueError):
+                return data     # (the interval field reports it)
+            if 0 < interval < 1.0:
+                data = {**data, "timeout": interval}
+        return data
 
 
 class OutlierDetection(Strict):

@@ -53,6 +53,10 @@ def connection_factory(spec: Listener, site: Any) -> Callable[[Any], Any]:
     return make
 
 
+# Loop turns _finish waits for aborted connections to report their loss.
+_LOSS_TURNS = 10
+
+
 class ProxyServer:
     """Listeners, sites and clusters of one worker process.
 
@@ -308,6 +312,12 @@ class ProxyServer:
         for site in sites:
             for conn in list(site.connections):
                 conn.abort()
+        # What was cut off is counted and logged (499, a WebSocket's 101) as its
+        # connections' losses are reported: a few loop turns, before the logs close.
+        for _ in range(_LOSS_TURNS):
+            if not any(site.connections for site in sites):
+                break
+            await asyncio.sleep(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.warm.close()

@@ -464,3 +464,13 @@ def test_poise_check_prints_resilience_errors(tmp_path):
     assert result.exit_code == 2
     assert "clusters[0].health_check.timeout: must not exceed interval (1s)" in result.output
     assert "clusters[0].max_pending: has no effect without max_connections" in result.output
+
+
+def test_health_check_timeout_defaults_to_the_interval_when_that_is_shorter():
+    # Regression: the default timeout (1 s) above a 200 ms interval passed `poise check`
+    # (a field validator does not see defaults) but failed when the control plane
+    # re-read the config it had written back out, with the default now explicit.
+    hc = cluster_of("health_check: {type: tcp, interval: 200ms}\n").health_check
+    assert hc.timeout == 0.2
+    assert HealthCheck(**hc.model_dump()).timeout == 0.2
+    assert cluster_of("health_check: {interval: 5s}\n").health_check.timeout == 1.0

@@ -52,7 +52,10 @@ def after_upgrade(conn: ClientConnection, data: bytes, offset: int) -> None:
     if early is not None:       # a WebSocket handshake: keep the rest, wait
         if rest:
             early.append(rest)
-        conn.block_reading(AWAITING_SWITCH)
+        if not conn.closed:
+            # (Closed: poise has answered it already, 404 or 503, and is lingering:
+            # reading must go on, to see the client's close.)
+            conn.block_reading(AWAITING_SWITCH)
         return
     # Declined: parse on as HTTP/1.1.
     conn._bounds = MessageBounds()
