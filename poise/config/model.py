@@ -228,7 +228,9 @@ class Listener(Strict):
         else:
             if self.tls is not None and "alpn" not in self.tls.model_fields_set \
                     and self.http2 is not None:
-                self.tls.alpn = ["h2", "http/1.1"]
+                # (Models are frozen: the listener gets a copy offering h2 first.)
+                object.__setattr__(self, "tls", self.tls.model_copy(
+                    update={"alpn": ["h2", "http/1.1"]}))
             spoken = {"http/1.1", "h2"} if self.http2 is not None else {"http/1.1"}
             if self.tls is not None and set(self.tls.alpn) - spoken:
                 problems.append("tls.alpn: an http listener may only offer http/1.1, "

@@ -36,13 +36,16 @@ from poise.proxy.http.h2stream import H2Exchange, H2Stream
 from poise.proxy.http2.codec import (
     ENHANCE_YOUR_CALM,
     NO_ERROR,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
     ProtocolError,
     StreamClosedError,
     events,
+    go_away,
     server_connection,
+    uncap_streams,
 )
-from poise.proxy.http2.request import fill_request
+from poise.proxy.http2.request import Malformed, fill_request
 from poise.proxy.http2.responses import ResponseFrames
 from poise.proxy.proxy_protocol import connection_addresses
 
@@ -111,6 +114,7 @@ class H2Session(ResponseFrames, asyncio.Protocol):
     def start(self, data: bytes) -> None:
         h2 = self.h2
         h2.initiate_connection()
+        uncap_streams(h2)
         if self.conn_window > 65_535:
             h2.increment_flow_control_window(self.conn_window - 65_535)
         self._write()
@@ -200,6 +204,14 @@ class H2Session(ResponseFrames, asyncio.Protocol):
         self.streams[sid] = stream
         try:
             fill_request(ex, self.site, event.headers, event.stream_ended is not None)
+        except Malformed as e:
+            log.debug("http2 %s: stream %d malformed: %s", self.peer_ip.decode(), sid, e)
+            del self.streams[sid]
+            stream.reset = stream.closed = True
+            self.h2.reset_stream(sid, PROTOCOL_ERROR)
+            if not self.streams:
+                self._arm(self.site.idle_timeout)
+            return
         except PoiseError as e:
             ex.route_name = ""          # (answered for no cluster: counted and logged)
             ex.respond_error(e)
@@ -326,15 +338,14 @@ class H2Session(ResponseFrames, asyncio.Protocol):
 
     def drain(self) -> None:
         """Graceful stop: GOAWAY now (no new streams), finish what is open, close."""
+        if self.draining or self.closed:
+            return
         self.draining = True
         if not self.streams:
             self._goaway(NO_ERROR)
         else:
-            try:
-                self.h2.close_connection(NO_ERROR, last_stream_id=max(self.streams))
-            except ProtocolError:
-                pass
-            self._write()
+            self.transport.write(go_away(self.h2, self.h2.highest_inbound_stream_id,
+                                         NO_ERROR))
 
     def retire(self, grace: float) -> None:
         self.drain()
