@@ -61,9 +61,13 @@ def serving_status(body: bytes) -> int | None:
                 status = value
         elif wire == 2:
             length, pos = _read_varint(message, pos)
-            if length is None:
+            if length is None or pos + length > len(message):
                 return None
             pos += length
+        elif wire == 1 or wire == 5:         # fixed64, fixed32: skipped
+            pos += 8 if wire == 1 else 4
+            if pos > len(message):
+                return None
         else:
             return None
     return status

@@ -228,11 +228,17 @@ def deadline_passed(ex: Exchange) -> bool:
             and ex.client.loop.time() + SLACK >= ex._deadline_at)
 
 
+def _deadline_name(cluster: ClusterRuntime) -> str:
+    """The request deadline, as an error message names it: ``request_timeout``, or
+    the client's ``grpc-timeout`` when the cluster has none."""
+    timeout = cluster.request_timeout
+    return "the grpc-timeout deadline" if timeout is None else f"request_timeout ({timeout:g}s)"
+
+
 def deadline_error(ex: Exchange, error: PoiseError) -> PoiseError:
     """``error``, or a deadline error when the request deadline is what ran out."""
     if deadline_passed(ex):
-        return RequestDeadlineExceeded(
-            f"request_timeout ({ex.cluster.request_timeout:g}s) passed: {error}")
+        return RequestDeadlineExceeded(f"{_deadline_name(ex.cluster)} passed: {error}")
     return error
 
 
@@ -289,7 +295,7 @@ def retry_request(ex: Exchange, error: PoiseError) -> None:
     if ex._deadline_at is not None and \
             ex.client.loop.time() + delay >= ex._deadline_at:
         ex.respond_error(RequestDeadlineExceeded(
-            f"request_timeout ({cluster.request_timeout:g}s) passed before a retry"))
+            f"{_deadline_name(cluster)} passed before a retry"))
         return
     ex._timer = ex.client.loop.call_later(delay, _resend, ex, nxt, error)
 

@@ -54,7 +54,7 @@ class ResponseFrames:
             headers.append((fields[i].lower(), fields[i + 2]))
         try:
             self.h2.send_headers(stream.stream_id, headers, end_stream=end)
-        except (StreamClosedError, ProtocolError):
+        except (StreamClosedError, ProtocolError, KeyError):
             stream.reset = stream.closed = True
 
     def stream_ended(self, stream: H2Stream) -> None:
@@ -108,7 +108,7 @@ class ResponseFrames:
         while data:
             try:
                 window = h2.local_flow_control_window(sid)
-            except (StreamClosedError, ProtocolError):
+            except (StreamClosedError, ProtocolError, KeyError):
                 stream.reset = stream.closed = True
                 return b""
             if window <= 0:
@@ -127,7 +127,7 @@ class ResponseFrames:
                 self.h2.send_headers(stream.stream_id, [
                     (trailers[i].lower(), trailers[i + 2]) for i in range(0, len(trailers), 4)
                 ], end_stream=True)
-        except (StreamClosedError, ProtocolError):
+        except (StreamClosedError, ProtocolError, KeyError):
             stream.reset = True
         self._retire_stream(stream)
 
@@ -184,7 +184,7 @@ class ResponseFrames:
             stream.reset = True
             try:
                 self.h2.reset_stream(sid, code)
-            except (StreamClosedError, ProtocolError):
+            except (StreamClosedError, ProtocolError, KeyError):
                 pass
             self._write()
 

@@ -276,7 +276,7 @@ class H2Session(ResponseFrames, asyncio.Protocol):
             stream.unacked = 0
             try:
                 self.h2.increment_flow_control_window(n, stream.stream_id)
-            except (StreamClosedError, ProtocolError):
+            except (StreamClosedError, ProtocolError, KeyError):
                 return
             if write:
                 self._write()

@@ -109,7 +109,10 @@ class H2Pool:
                 conn.open_stream(ex)
                 return
         self.waiting.append(ex)
-        if self.connecting == 0 or len(self.waiting) > self.connecting * DEFAULT_STREAMS:
+        # Connections being opened, or open but without the backend's SETTINGS yet,
+        # will take the waiting requests: another is opened only beyond what they may.
+        coming = self.connecting + sum(1 for conn in self.conns if not conn.settled)
+        if coming == 0 or len(self.waiting) > coming * DEFAULT_STREAMS:
             self.connecting += 1
             self.pool.opening()
             self.pool.loop.create_task(self._open())
@@ -234,7 +237,10 @@ class H2Upstream(asyncio.Protocol):
             client_side=True, header_encoding=None,
             validate_outbound_headers=False, normalize_outbound_headers=False))
         self.streams: dict[int, StreamWriter] = {}
+        # Streams allowed at once: one until the backend's SETTINGS say (``settled``),
+        # so that a backend with a small limit never has to refuse streams.
         self.max_streams = DEFAULT_STREAMS
+        self.settled = False
         self.goaway = False
         self.closed = False
         self.used = 0               # streams opened on it so far
@@ -257,7 +263,8 @@ class H2Upstream(asyncio.Protocol):
         self.flush()
 
     def has_room(self) -> bool:
-        return not self.goaway and not self.closed and len(self.streams) < self.max_streams
+        return not self.goaway and not self.closed and len(self.streams) < (
+            self.max_streams if self.settled else 1)
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -358,6 +365,7 @@ class H2Upstream(asyncio.Protocol):
     def _settings(self, event: Any) -> None:
         limit = self.h2.remote_settings.max_concurrent_streams
         self.max_streams = max(1, min(limit, 10_000))
+        self.settled = True
         self.h2pool.room_freed(self)
 
     def _window(self, event: Any) -> None:
@@ -559,8 +567,8 @@ class StreamWriter:
         elif flow and not self.done:
             try:
                 h2.increment_flow_control_window(flow, self.sid)
-            except (StreamClosedError, ProtocolError):
-                pass
+            except (StreamClosedError, ProtocolError, KeyError):
+                pass        # (jh2: KeyError for a closed stream it has dropped)
 
     def on_end(self) -> None:
         conn = self.conn
@@ -592,7 +600,7 @@ class StreamWriter:
         if n and not self.done:
             try:
                 self.upstream.h2.increment_flow_control_window(n, self.sid)
-            except (StreamClosedError, ProtocolError):
+            except (StreamClosedError, ProtocolError, KeyError):
                 return
             self.upstream.flush()
 
@@ -606,7 +614,7 @@ class StreamWriter:
             self.done = True
             try:
                 self.upstream.h2.reset_stream(self.sid, CANCEL)
-            except (StreamClosedError, ProtocolError):
+            except (StreamClosedError, ProtocolError, KeyError):
                 pass
             self.upstream.stream_done(self)
             self.upstream.flush()
