@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/ratelimit_memory.py
 	$(BIN)/python bench/tcp.py
 	$(BIN)/python bench/websocket.py
+	$(BIN)/python bench/http2.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

@@ -13,6 +13,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 
+from poise.checks.grpc_probe import GrpcProbe
 from poise.checks.handshake_probe import HandshakeProbe
 from poise.checks.http_probe import HttpProbe
 from poise.checks.probe import Probe
@@ -24,7 +25,8 @@ from poise.core.health import RiseFall, Transition
 log = logging.getLogger("poise")
 
 # check type → probe class; each takes (backend, settings, on_result, loop=...).
-PROBES: dict[str, Callable[..., Probe]] = {"http": HttpProbe, "tcp": TcpProbe}
+PROBES: dict[str, Callable[..., Probe]] = {"http": HttpProbe, "tcp": TcpProbe,
+                                           "grpc": GrpcProbe}
 
 Key = tuple[str, int]
 

@@ -15,7 +15,7 @@ BODY_CAP = 64 * 1024
 # Probe start times are aligned to a grid this fine (at most; see ``grid``).
 MAX_TICK = 0.005
 
-CHECK_TYPES = ("http", "tcp")
+CHECK_TYPES = ("http", "tcp", "grpc")
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Printable ASCII without spaces: anything else could split the request line.
@@ -27,7 +27,8 @@ _HOST = re.compile(r"[\x21-\x7e]+")
 class CheckSettings:
     """One cluster's active check, validated on construction (``ValueError``).
 
-    - ``type``: ``"http"`` (default) or ``"tcp"`` (the connect alone is the check).
+    - ``type``: ``"http"`` (default), ``"tcp"`` (the connect alone is the check) or
+      ``"grpc"`` (the gRPC health protocol, for ``service``: ``""`` is the server).
     - ``path``, ``method`` (``/health``, ``GET``): the request line, always HTTP/1.1.
     - ``host``: the ``Host`` header; ``None`` (default) sends the backend's
       ``host:port``.
@@ -65,6 +66,7 @@ class CheckSettings:
     tls: ssl.SSLContext | None = field(default=None, compare=False)
     server_name: str | None = None
     preamble: bytes = b""
+    service: str = ""
 
     def __post_init__(self) -> None:
         if self.type not in CHECK_TYPES:

@@ -103,6 +103,28 @@ class WebSocket(Strict):
     max_lifetime: PositiveDuration | None = None
 
 
+class Http2(Strict):
+    """HTTP/2 from clients on an http listener (``http2: true`` takes the defaults).
+
+    Plain listeners take h2c with prior knowledge next to HTTP/1.1 (told apart by the
+    connection preface); TLS listeners offer ``h2`` in ALPN.  Each connection allows
+    ``max_concurrent_streams`` requests at once; a stream may receive
+    ``initial_stream_window`` request-body bytes ahead of the backend and the whole
+    connection ``initial_connection_window`` (so memory stays bounded)."""
+
+    max_concurrent_streams: int = Field(100, ge=1, le=10_000)
+    initial_stream_window: Size = Field(64 * 1024, ge=1024, le=2**31 - 1)
+    initial_connection_window: Size = Field(1024 * 1024, ge=65_535, le=2**31 - 1)
+
+
+def _http2_switch(value: object) -> object:
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 class Route(Strict):
     """Send requests that match ``match`` (or all, when absent) to ``cluster``."""
 
@@ -122,7 +144,7 @@ def _default(model: type[BaseModel], field: str) -> Any:
 # Listener fields that only mean something for HTTP.
 HTTP_ONLY_FIELDS = ("max_request_line", "max_header_size", "max_headers", "max_request_body",
                     "forwarded_headers", "abort_on_client_close", "client_idle_timeout",
-                    "trusted_proxies", "rate_limit", "access_log")
+                    "trusted_proxies", "rate_limit", "access_log", "http2")
 
 
 class Listener(Strict):
@@ -171,6 +193,8 @@ class Listener(Strict):
     proxy_protocol: bool = False
     # tcp only: a connection with no byte either way for this long is closed.
     idle_timeout: PositiveDuration = 3600.0
+    # HTTP/2 from clients (None: HTTP/1.x only); ``true`` takes the defaults.
+    http2: Annotated[Http2 | None, BeforeValidator(_http2_switch)] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -202,9 +226,15 @@ class Listener(Strict):
                                       or m.headers):
                     problems.append("routes of a tcp listener match on sni only")
         else:
-            if self.tls is not None and set(self.tls.alpn) - {"http/1.1"}:
-                problems.append("tls.alpn: an http listener speaks HTTP/1.1 only, so it "
-                                "may only offer http/1.1")
+            if self.tls is not None and "alpn" not in self.tls.model_fields_set \
+                    and self.http2 is not None:
+                # (Models are frozen: the listener gets a copy offering h2 first.)
+                object.__setattr__(self, "tls", self.tls.model_copy(
+                    update={"alpn": ["h2", "http/1.1"]}))
+            spoken = {"http/1.1", "h2"} if self.http2 is not None else {"http/1.1"}
+            if self.tls is not None and set(self.tls.alpn) - spoken:
+                problems.append("tls.alpn: an http listener may only offer http/1.1, "
+                                "and h2 with http2 on")
             if self.tls_passthrough:
                 problems.append("tls_passthrough: only for tcp listeners (an http "
                                 "listener reads requests, so it terminates TLS)")
@@ -274,6 +304,9 @@ class Cluster(Strict):
     # tcp listeners: connected spares kept per backend and worker, so that a new
     # client connection skips the connect.
     warm_connections: int = Field(0, ge=0, le=1024)
+    # How HTTP requests reach the backends: HTTP/1.1 (keep-alive pools), or HTTP/2
+    # (``h2``: h2c, or ALPN h2 with ``tls``), streams multiplexed over few connections.
+    protocol: Literal["http1", "h2"] = "http1"
 
     @model_validator(mode="after")
     def _warm_without_proxy_header(self) -> Cluster:
@@ -281,6 +314,10 @@ class Cluster(Strict):
             raise ValueError("warm_connections and send_proxy_protocol exclude each other: "
                              "a PROXY header names a client, so a connection cannot be "
                              "opened before its client arrives")
+        if self.protocol == "h2" and self.send_proxy_protocol is not None:
+            raise ValueError("protocol h2 and send_proxy_protocol exclude each other: an "
+                             "HTTP/2 connection carries many clients' requests, and a "
+                             "PROXY header names one")
         return self
 
 

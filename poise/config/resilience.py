@@ -102,9 +102,12 @@ class HealthCheck(Strict):
     ``fall`` failures in a row mark it down.  An ``http`` probe passes when the status
     is in ``expect_status`` and the body contains ``expect_body`` (if set); a ``tcp``
     probe passes when a connection opens (``path``, ``method``, ``host`` and the
-    ``expect_*`` fields are then unused)."""
+    ``expect_*`` fields are then unused); a ``grpc`` probe calls the gRPC health
+    protocol for ``service`` and passes on SERVING (``host`` is its authority)."""
 
-    type: Literal["http", "tcp"] = "http"
+    type: Literal["http", "tcp", "grpc"] = "http"
+    # grpc: the service asked about ("": the server as a whole).
+    service: str = ""
     path: str = "/health"
     method: str = "GET"
     # Host header sent; None = the backend's address.

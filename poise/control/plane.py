@@ -430,6 +430,8 @@ def _check_settings(cluster: Cluster) -> CheckSettings:
                          expect_body=spec.expect_body, interval=spec.interval,
                          timeout=spec.timeout, jitter=spec.jitter, rise=spec.rise,
                          fall=spec.fall,
-                         tls=None if tls is None else client_context(tls),
+                         tls=None if tls is None else client_context(
+                             tls, alpn=("h2",) if spec.type == "grpc" else ("http/1.1",)),
                          server_name=None if tls is None else tls.sni,
-                         preamble=b"" if version is None else header_for(version, None, None))
+                         preamble=b"" if version is None else header_for(version, None, None),
+                         service=spec.service)

@@ -39,8 +39,10 @@ _KEEP = bytes(c if c in _SAFE else c ^ 0x80 for c in range(256))
 _CLF_ESCAPED = tuple(bytes([c]) if c in _SAFE else b"\\x%02X" % c for c in range(256))
 _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
            b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
-_HTTP11 = b"HTTP/1.1"
-_HTTP10 = b"HTTP/1.0"
+# The protocol versions as logged, by (HTTP/2, HTTP/1.1) of the request.
+HTTP10 = b"HTTP/1.0"
+HTTP11 = b"HTTP/1.1"
+HTTP2 = b"HTTP/2.0"
 # The token cache (cluster and backend names) is cleared past this many entries, so a
 # discovery source that keeps inventing addresses cannot grow it without bound.
 _TOKENS_MAX = 4096
@@ -135,14 +137,14 @@ class AccessLogger:
     def __repr__(self) -> str:
         return f"<AccessLogger {self.listener} {self.format}>"
 
-    def log(self, client: bytes, method: bytes, path: bytes, http11: bool, status: int,
+    def log(self, client: bytes, method: bytes, path: bytes, version: bytes, status: int,
             bytes_sent: int, duration: float, cluster: str, upstream: str | None,
             attempts: int, trace_id: str | None, referer: bytes | None,
             user_agent: bytes | None) -> None:
         """Append one line for a response (timestamped now) to the buffer; never does I/O.
 
-        ``duration`` is in seconds; ``method``/``path`` are ``b""`` when the request could
-        not be parsed; ``referer``/``user_agent`` None when the header was absent."""
+        ``version`` is the protocol as logged (``HTTP_VERSIONS``); ``duration`` is in
+        seconds; ``method``/``path`` are ``b""`` when the request could not be parsed; ``referer``/``user_agent`` None when the header was absent."""
         now = _time()
         second = int(now)
         if second != self._second:
@@ -155,22 +157,22 @@ class AccessLogger:
                 line = _JSON_PLAIN[(trace_id is None) | (user_agent is None) << 1
                                    | (referer is None) << 2] % (
                     self._iso, int((now - second) * 1000.0), self._listener_token, client,
-                    method, path, _HTTP11 if http11 else _HTTP10, status, bytes_sent,
+                    method, path, version, status, bytes_sent,
                     duration * 1000.0, tokens.get(cluster) or self._token(cluster),
                     tokens.get(upstream) or self._token(upstream), attempts, trace,
                     user_agent or b"", referer or b"")
             else:
-                line = self._escaped_json(now - second, client, method, path, http11, status,
+                line = self._escaped_json(now - second, client, method, path, version, status,
                                           bytes_sent, duration, cluster, upstream, attempts,
                                           trace_id, referer, user_agent)
         else:
             given = b"".join((client, method, path, referer or b"", user_agent or b""))
             if method and path and given.translate(_KEEP) == given:
                 line = _CLF % (client or b"-", self._clf, method, path,
-                               _HTTP11 if http11 else _HTTP10, status, bytes_sent,
+                               version, status, bytes_sent,
                                referer or b"-", user_agent or b"-")
             else:
-                line = self._escaped_combined(client, method, path, http11, status,
+                line = self._escaped_combined(client, method, path, version, status,
                                               bytes_sent, referer, user_agent)
         sink = self._sink
         sink.buf.append(line)
@@ -179,7 +181,7 @@ class AccessLogger:
             self._flush(sink)
 
     def _escaped_json(self, fraction: float, client: bytes, method: bytes, path: bytes,
-                      http11: bool, status: int, bytes_sent: int, duration: float,
+                      version: bytes, status: int, bytes_sent: int, duration: float,
                       cluster: str, upstream: str | None, attempts: int,
                       trace_id: str | None, referer: bytes | None,
                       user_agent: bytes | None) -> bytes:
@@ -187,12 +189,12 @@ class AccessLogger:
         return _JSON_ANY % (
             self._iso, int(fraction * 1000.0), self._listener_token, json_bytes(client),
             json_bytes(method or None), json_bytes(path or None),
-            _HTTP11 if http11 else _HTTP10, status, bytes_sent, duration * 1000.0,
+            version, status, bytes_sent, duration * 1000.0,
             tokens.get(cluster) or self._token(cluster),
             tokens.get(upstream) or self._token(upstream), attempts, _trace_token(trace_id),
             json_bytes(user_agent), json_bytes(referer))
 
-    def _escaped_combined(self, client: bytes, method: bytes, path: bytes, http11: bool,
+    def _escaped_combined(self, client: bytes, method: bytes, path: bytes, version: bytes,
                           status: int, bytes_sent: int, referer: bytes | None,
                           user_agent: bytes | None) -> bytes:
         client = clf_escape(client) or b"-"
@@ -201,7 +203,7 @@ class AccessLogger:
         if not method and not path:
             return _CLF_NO_REQUEST % (client, self._clf, status, bytes_sent, referer, user_agent)
         return _CLF % (client, self._clf, clf_escape(method) or b"-", clf_escape(path) or b"-",
-                       _HTTP11 if http11 else _HTTP10, status, bytes_sent, referer, user_agent)
+                       version, status, bytes_sent, referer, user_agent)
 
     def _token(self, name: str | None) -> bytes:
         tokens = self._tokens

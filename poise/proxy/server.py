@@ -16,6 +16,7 @@ from poise.observability.tracing import Tracer
 from poise.proxy.acceptor import ProxyProtocolServer, listening_socket
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
+from poise.proxy.http2.sniff import Http2Sniffer
 from poise.proxy.ratelimits import Limiters
 from poise.proxy.tcp.relay import TcpClient
 from poise.proxy.tcp.site import TcpSite
@@ -42,7 +43,9 @@ def connection_factory(spec: Listener, site: Any) -> Callable[[Any], Any]:
     connection = TcpClient if spec.protocol == "tcp" else ClientConnection
 
     def make(addresses: Any) -> Any:
-        conn = connection(site)
+        # (An http listener's http2 is read per connection: a reload may turn it on.)
+        conn = connection(site) if connection is TcpClient or site.http2 is None \
+            else Http2Sniffer(site)
         if addresses is not None:
             conn.proxied = addresses
         return conn

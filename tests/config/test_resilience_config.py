@@ -345,7 +345,7 @@ def test_retry_budget_may_exceed_100_percent():
 
 @pytest.mark.parametrize(("cluster_extra", "path", "needle"), [
     # health_check
-    ("health_check: {type: grpc}\n", "health_check.type", "'http' or 'tcp'"),
+    ("health_check: {type: udp}\n", "health_check.type", "'http', 'tcp' or 'grpc'"),
     ("health_check: {path: health}\n", "health_check.path", "must start with /"),
     ("health_check: {path: '/a b'}\n", "health_check.path", "spaces"),
     ("health_check: {method: 'GE T'}\n", "health_check.method", "HTTP method"),

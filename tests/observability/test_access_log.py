@@ -33,7 +33,7 @@ COMBINED = re.compile(
     r' (?P<status>\d{3}) (?P<bytes>\d+) ' + QUOTED.replace("(", "(?P<referer>", 1) + " " +
     QUOTED.replace("(", "(?P<ua>", 1) + r"\n\Z")
 
-REQUEST = dict(client=b"192.0.2.7", method=b"GET", path=b"/api/v1/items?id=42", http11=True,
+REQUEST = dict(client=b"192.0.2.7", method=b"GET", path=b"/api/v1/items?id=42", version=b"HTTP/1.1",
                status=200, bytes_sent=1234, duration=0.0123456, cluster="api",
                upstream="10.0.0.1:8080", attempts=1, trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
                referer=b"https://example.com/", user_agent=b"curl/8.5.0")
@@ -117,7 +117,7 @@ def test_json_line_has_every_field_in_order() -> None:
 
 
 def test_json_nulls_and_an_unparsed_request() -> None:
-    record = json.loads(line_of("json", method=b"", path=b"", http11=False, status=400,
+    record = json.loads(line_of("json", method=b"", path=b"", version=b"HTTP/1.0", status=400,
                                 cluster="", upstream=None, attempts=0, trace_id=None,
                                 referer=None, user_agent=None))
     assert list(record) == FIELDS
@@ -144,10 +144,10 @@ def test_combined_line() -> None:
 
 def test_combined_dashes() -> None:
     line = line_of("combined", method=b"", path=b"", referer=None, user_agent=None,
-                   client=b"", http11=False, status=408, bytes_sent=0)
+                   client=b"", version=b"HTTP/1.0", status=408, bytes_sent=0)
     assert line.endswith(b'] "-" 408 0 "-" "-"\n') and line.startswith(b"- - - [")
     assert COMBINED.match(line.decode("ascii"))
-    line = line_of("combined", http11=False, referer=b"")
+    line = line_of("combined", version=b"HTTP/1.0", referer=b"")
     assert b'"GET /api/v1/items?id=42 HTTP/1.0" 200 1234 "-" "curl/8.5.0"\n' in line
 
 

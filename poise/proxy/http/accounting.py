@@ -22,6 +22,7 @@ from poise.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from poise.observability.access_format import HTTP2, HTTP10, HTTP11
 from poise.observability.buckets import BOUNDS, SIZE
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def start_trace(ex: Exchange, tracer: Any) -> None:
     client = ex.client
     ex.trace = tracer.start(traceparent, tracestate, ex.method, ex.target, ex.host,
                             client.peer_ip, client.site.name,
-                            version="1.1" if ex.http11 else "1.0")
+                            version="2" if client.h2 else "1.1" if ex.http11 else "1.0")
 
 
 # -- responses ------------------------------------------------------------------------
@@ -170,7 +171,8 @@ def exchange_over(ex: Exchange) -> None:
     upstream = ex.pool.backend.address if ex.attempts else None
     if log is not None:
         referer, agent = _browser_fields(ex.fields)
-        log.log(ex.client.peer_ip, ex.method, ex.target, ex.http11, status, ex.bytes_sent,
+        version = HTTP2 if ex.client.h2 else HTTP11 if ex.http11 else HTTP10
+        log.log(ex.client.peer_ip, ex.method, ex.target, version, status, ex.bytes_sent,
                 (ex.ended or monotonic()) - ex.began, route, upstream, ex.attempts,
                 trace.trace_id if trace is not None else None, referer, agent)
     if trace is not None:
@@ -186,7 +188,7 @@ def answer_counted(site: Site, status: int, written: int, began: float, peer_ip:
         count_response(site, "", status, began)
     log = site.access_log
     if log is not None:
-        log.log(peer_ip, method, target, http11, status, written,
+        log.log(peer_ip, method, target, HTTP11 if http11 else HTTP10, status, written,
                 monotonic() - began if began > 0.0 else 0.0, "", None, 0, None, None, None)
 
 

@@ -76,7 +76,7 @@ class ClusterRuntime:
                  "limits", "pending", "queue_timeout", "retry", "request_timeout",
                  "failure_statuses", "rng", "_release_timer", "_release_at", "guarded",
                  "_clock", "_retired", "members", "retries", "tls_context", "_stream_tls",
-                 "send_proxy_protocol")
+                 "send_proxy_protocol", "h2")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop,
                  members: Sequence[Member] | None = None) -> None:
@@ -118,6 +118,7 @@ class ClusterRuntime:
         self.tls_context: Any = None
         self._stream_tls: Any = None
         self.send_proxy_protocol: str | None = None
+        self.h2 = False
         self._settle(spec)
         self._use_tls(spec)
         self.health.update(backends, _flags(members), CONTROL_FLAGS)
@@ -204,12 +205,16 @@ class ClusterRuntime:
         """Origination settings; a reload reads the CA and client certificate files
         again (new connections use them; pooled ones keep their session)."""
         self.send_proxy_protocol = spec.send_proxy_protocol
+        # HTTP/2 to the backends (poise.proxy.http2.upstream): requests go through
+        # Exchange._send's h2 branch.
+        self.h2 = spec.protocol == "h2"
         self._stream_tls = None
         if spec.tls is None:
             self.tls_context = None
         else:
             from poise.proxy.tls import client_context
-            self.tls_context = client_context(spec.tls)
+            self.tls_context = client_context(spec.tls,
+                                              alpn=("h2",) if self.h2 else ("http/1.1",))
 
     def stream_tls_context(self) -> Any:
         """The TLS context of tcp listeners' connections: as ``tls_context`` but

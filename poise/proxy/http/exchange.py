@@ -16,30 +16,27 @@ from typing import TYPE_CHECKING, Any
 from poise.core import retry
 from poise.core.context import RequestContext
 from poise.core.outlier import Outcome
-from poise.errors import (
-    PoiseError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
-from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, start_trace
+from poise.errors import PoiseError, UpstreamProtocolError
+from poise.proxy.http.accounting import begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import (
     admit,
     arm_response_deadline,
-    deadline_error,
     drop_response,
     end_exchange,
+    fail_try,
     may_connect,
     may_retry,
     open_connection,
     resume_from_queue,
-    retry_request,
+    retry_stale,
 )
+from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
-    from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.downstream import Downstream
     from poise.proxy.http.router import RouteTarget
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
@@ -51,7 +48,7 @@ REPLAY_LIMIT = 64 * 1024
 # Request body buffered while no upstream connection is attached, before the client
 # connection stops reading.
 BUFFER_LIMIT = 64 * 1024
-BUFFERING = 4   # ClientConnection read-blocking reason
+BUFFERING = 4   # Downstream read-blocking reason
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -59,7 +56,7 @@ _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 
 
 class Exchange(RequestHead):
-    """The life of one request. Created by ClientConnection when a request begins."""
+    """The life of one request. Created by its Downstream when a request begins."""
 
     __slots__ = (
         "client", "cluster", "method", "target", "http11", "keep_alive", "head_only",
@@ -68,7 +65,7 @@ class Exchange(RequestHead):
         "_wrote_client", "until_close", "_chunk_out", "_out", "_body_seen", "finished",
         "_counted", "_ctx", "_started_at", "_held", "_tried", "_deadline_at", "_timer",
         "connecting", "began", "status", "bytes_sent", "attempts", "_try_began", "route_name",
-        "trace", "ended", "websocket",
+        "trace", "ended", "websocket", "raw_body", "trailers",
     )
     # Set once routed and picked (start): unset until then.
     cluster: ClusterRuntime
@@ -82,7 +79,7 @@ class Exchange(RequestHead):
     _started_at: float
     _timer: Any
 
-    def __init__(self, client: ClientConnection, max_body: int) -> None:
+    def __init__(self, client: Downstream, max_body: int) -> None:
         # RequestHead's slots
         self.fields: list[bytes] = []
         self.host: bytes | None = None
@@ -133,6 +130,11 @@ class Exchange(RequestHead):
         # A WebSocket handshake: upgrade.WEBSOCKET until routed, then the route's
         # settings (config.model.WebSocket); None: an ordinary request.
         self.websocket: Any = None
+        # The body goes to the backend as it came, unframed (an HTTP/2 backend: DATA
+        # frames; set when routed); and the response's trailer fields (flat, as
+        # ``fields``), relayed at its end where the client's protocol can carry them.
+        self.raw_body = False
+        self.trailers: list[bytes] | None = None
 
     def head_complete(self, method: bytes, target: bytes, http11: bool,
                       keep_alive: bool) -> None:
@@ -161,7 +163,10 @@ class Exchange(RequestHead):
                 self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
-            if self.websocket is not None:
+            if cluster.h2:
+                self.raw_body = True
+                self.websocket = None   # (no Upgrade over HTTP/2: a plain request)
+            elif self.websocket is not None:
                 self._route_websocket(target)
             limits = target.limits
             if limits is not None and not limits.check(self, 0, self.began):
@@ -204,6 +209,9 @@ class Exchange(RequestHead):
             cluster.load_changed(pool.backend)
         if cluster.observe is not None:
             self._started_at = self.client.loop.time()
+        if cluster.h2:
+            h2_send(self, pool)
+            return
         if cluster.send_proxy_protocol is None:
             idle = pool.idle
             conn = idle.pop() if idle else None
@@ -211,7 +219,7 @@ class Exchange(RequestHead):
                 conn.close()
                 conn = pool.take_idle()
         else:   # connections name their client: only this client's may be reused
-            conn = pool.take_owned(self.client)
+            conn = pool.take_owned(self.client.owner())
         if conn is not None:
             conn.reused = True
             begin_try(self)
@@ -289,7 +297,8 @@ class Exchange(RequestHead):
             if self._body_seen > self.max_body:
                 self.client.reject_body("chunked body exceeds max_request_body")
                 return
-            data = chunk(data)
+            if not self.raw_body:
+                data = chunk(data)
         self._up_out.append(data)
         self._up_size += len(data)
         replay = self._replay
@@ -310,7 +319,9 @@ class Exchange(RequestHead):
                 conn.deadline.push(conn.pool.response_timeout)
             else:
                 arm_response_deadline(self, conn)
-        if self.chunked:
+        if self.raw_body:
+            self._up_out.append(b"")    # (so that a flush tells the backend it ended)
+        elif self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:
                 self._replay.append(LAST_CHUNK)
@@ -350,27 +361,9 @@ class Exchange(RequestHead):
                          chunked: bool) -> None:
         """The backend's final response head; ``fields`` are its end-to-end header
         lines (flat name, ": ", value, CRLF groups)."""
-        client = self.client
-        cluster = self.cluster
-        if status >= 500:
-            self.pool.errors += 1
-        if cluster.observe is not None:
-            self._observe(status < 500)
-        if cluster.failure_statuses is not None:
-            if status in cluster.failure_statuses:
-                cluster.report(self.pool, cluster.outcome_of(status))
-            elif self.pool.failing:
-                cluster.report(self.pool, Outcome.SUCCESS)
-        if cluster.retry is not None and status in cluster.retry.statuses \
-                and may_retry(self, "on_status"):
-            end_try(self, status)
-            drop_response(self)
+        if not self.accept_response(status, fields):
             return
-        self.status = status
-        if cluster.set_cookie is not None:
-            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
-            if cookie:
-                fields.append(b"set-cookie: " + cookie + CRLF)
+        client = self.client
         close = (not self.keep_alive or not self.request_complete
                  or (client.draining and not client.queue))
         if not has_length and not (self.head_only or status == 204 or status == 304):
@@ -389,6 +382,32 @@ class Exchange(RequestHead):
         self._out.append((STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
         self.response_head_sent = True
 
+    def accept_response(self, status: int, fields: list[bytes]) -> bool:
+        """Account for a final response head from the backend (errors, latency,
+        outlier detection) and add a sticky cookie to ``fields``; False when it is
+        dropped for a retry instead (nothing of it reaches the client)."""
+        cluster = self.cluster
+        if status >= 500:
+            self.pool.errors += 1
+        if cluster.observe is not None:
+            self._observe(status < 500)
+        if cluster.failure_statuses is not None:
+            if status in cluster.failure_statuses:
+                cluster.report(self.pool, cluster.outcome_of(status))
+            elif self.pool.failing:
+                cluster.report(self.pool, Outcome.SUCCESS)
+        if cluster.retry is not None and status in cluster.retry.statuses \
+                and may_retry(self, "on_status"):
+            end_try(self, status)
+            drop_response(self)
+            return False
+        self.status = status
+        if cluster.set_cookie is not None:
+            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
+            if cookie:
+                fields.append(b"set-cookie: " + cookie + CRLF)
+        return True
+
     def flush_client(self) -> None:
         out = self._out
         if out:
@@ -404,15 +423,8 @@ class Exchange(RequestHead):
 
     def on_response_complete(self, conn: UpstreamConnection) -> None:
         """The backend's response is complete: flush, recycle the connection, finish."""
-        out = self._out
-        if self._chunk_out:
-            out.append(LAST_CHUNK)
+        self.end_response()
         client = self.client
-        if out and not client.closed:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            client.transport.write(data)
-            self.bytes_sent += len(data)
-            self._wrote_client = True
         self.conn = None
         self.finished = True
         # One clock read for the try's end and the request's (0: none needed).
@@ -424,6 +436,20 @@ class Exchange(RequestHead):
         else:
             conn.close()
         client.exchange_done(self)
+
+    def end_response(self) -> None:
+        """Send the rest of the response and its end."""
+        out = self._out
+        if self._chunk_out:
+            trailers = self.trailers
+            out.append(LAST_CHUNK if trailers is None
+                       else b"0\r\n" + b"".join(trailers) + CRLF)
+        client = self.client
+        if out and not client.closed:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            client.transport.write(data)
+            self.bytes_sent += len(data)
+            self._wrote_client = True
 
     def respond_error(self, error: BaseException) -> None:
         """Answer with the status for ``error`` (before any response byte was sent).
@@ -459,47 +485,13 @@ class Exchange(RequestHead):
     def upstream_lost(self, conn: UpstreamConnection, error: PoiseError) -> None:
         """The connection closed under us. A reused connection that died before any
         response byte is retried once on a fresh one, when the request is replayable."""
-        if (conn.reused and not self.response_started and not self._retried
-                and self._replay is not None and not self.finished):
-            self._retried = True
-            self.conn = None
-            if self.trace is not None:
-                self.trace.end_try(None, "stale_connection")
-            # Everything sent so far, again: the head, then the body bytes seen (some
-            # may still wait in _up_out, which follows them).
-            self._up_out[:0] = [self._request_head(), *self._replay]
-            if self.cluster.limits is None or may_connect(self):
-                open_connection(self)
-            return
-        self.upstream_failed(conn, error)
+        if not retry_stale(self, conn):
+            self.upstream_failed(conn, error)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: PoiseError) -> None:
-        cluster = self.cluster
-        self.pool.errors += 1
-        if isinstance(error, UpstreamTimeout):
-            self.pool.tries.timeouts += 1
-        end_try(self, NO_RESPONSE, error)
-        if not self.response_head_sent and cluster is not None:
-            if cluster.observe is not None:
-                self._observe(False)
-            if cluster.failure_statuses is not None:
-                cluster.report(self.pool, Outcome.GATEWAY_ERROR)
-        if conn is not None:
-            conn.exchange = None
-            conn.close()
-        self.conn = None
-        if self.finished:
-            return
-        if self._wrote_client:
-            self.finished = True    # truncated response: the client must see a close
-            end_exchange(self)
-            self.client.abort()
-            return
-        if may_retry(self, "on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
-            retry_request(self, error)
-            return
-        self._out.clear()
-        self.respond_error(deadline_error(self, error))
+        """This try failed with ``error`` (``conn``, if any, is closed): retry it, or
+        answer the client (502/503/504), or cut off a response already begun."""
+        fail_try(self, conn, error)
 
     def abandon(self) -> None:
         """The client went away: drop the upstream side without reusing it."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -31,6 +30,7 @@ from poise.errors import (
 from poise.proxy.deadline import Deadline
 from poise.proxy.http.accounting import answer_counted
 from poise.proxy.http.bounds import MessageBounds
+from poise.proxy.http.downstream import Downstream
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import CRLF
@@ -51,26 +51,18 @@ CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream f
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)   # (tests subclass it to observe it)
-class ClientConnection:
-    """One downstream connection. Created per accepted socket by the listener."""
+class ClientConnection(Downstream):
+    """One downstream HTTP/1.x connection. Created per accepted socket by the listener.
 
-    __slots__ = ("site", "loop", "transport", "peer_ip", "proxied", "sni", "forwarded",
-                 "parser", "deadline",
-                 "current", "queue", "draining", "closed", "write_paused", "_parsing",
+    (Downstream's ``proxied`` is set by the acceptor before connection_made, from the
+    PROXY header the connection began with; ``sni`` from the TLS handshake.)"""
+
+    __slots__ = ("parser", "deadline", "current", "_parsing",
                  "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
                  "_upgrade_body", "early", "_idle", "_guard", "_held")
 
     def __init__(self, site: Site) -> None:
-        self.site = site
-        self.loop = site.loop
-        self.transport: Any = None     # an asyncio.Transport once connected
-        self.peer_ip = b""
-        # ``(client, local)`` addresses, each ``(ip, port)``, from the PROXY header this
-        # connection began with (set by the acceptor before connection_made), or None.
-        self.proxied: Any = None
-        # The TLS server name the client asked for (TLS listeners; None: none sent).
-        self.sni: str | None = None
-        self.forwarded = b""
+        super().__init__(site)
         # The connection guard (limits) that admitted this connection, and the count
         # buckets it holds there until it closes.
         self._guard: Any = None
@@ -78,13 +70,9 @@ class ClientConnection:
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = Deadline(site.loop, self._timed_out)
         self.current: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
-        self.draining = False
         self._parsing: Exchange | None = None   # the request whose head/body is being read
         self._blocked = 0
-        self.closed = False
         self._failed: PoiseError | None = None  # a parse error waiting its turn to answer
-        self.write_paused = False
         # request head being parsed
         self._in_head = False
         self._url = b""

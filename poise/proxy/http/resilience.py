@@ -14,9 +14,16 @@ from typing import TYPE_CHECKING
 from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
 from poise.core.retry import backoff
-from poise.errors import Overloaded, PoiseError, RequestDeadlineExceeded, UpstreamProtocolError
+from poise.errors import (
+    Overloaded,
+    PoiseError,
+    RequestDeadlineExceeded,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from poise.proxy.deadline import SLACK
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
+from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -63,7 +70,7 @@ def admit(ex: Exchange, cluster: ClusterRuntime) -> None:
 def open_connection(ex: Exchange) -> None:
     """Open a connection to ``ex.pool`` (counted against the limits at once)."""
     ex.connecting = True
-    ex.client.loop.create_task(_connect(ex, ex.pool.connect(_connect_timeout(ex), ex.client)))
+    ex.client.loop.create_task(_connect(ex, ex.pool.connect(_connect_timeout(ex), ex.client.owner())))
 
 
 async def _connect(ex: Exchange, connecting: Awaitable[UpstreamConnection]) -> None:
@@ -114,7 +121,7 @@ async def _connect_failing_over(ex: Exchange,
             if ex.trace is not None:    # nothing was sent: the head names the new try
                 ex._up_out[0] = ex._request_head()
             begin_try(ex)
-            connecting = nxt.connect(_connect_timeout(ex), ex.client)
+            connecting = nxt.connect(_connect_timeout(ex), ex.client.owner())
             if ex.cluster.load_changed is not None:
                 ex.cluster.load_changed(pool.backend)
                 ex.cluster.load_changed(nxt.backend)
@@ -221,11 +228,17 @@ def deadline_passed(ex: Exchange) -> bool:
             and ex.client.loop.time() + SLACK >= ex._deadline_at)
 
 
+def _deadline_name(cluster: ClusterRuntime) -> str:
+    """The request deadline, as an error message names it: ``request_timeout``, or
+    the client's ``grpc-timeout`` when the cluster has none."""
+    timeout = cluster.request_timeout
+    return "the grpc-timeout deadline" if timeout is None else f"request_timeout ({timeout:g}s)"
+
+
 def deadline_error(ex: Exchange, error: PoiseError) -> PoiseError:
     """``error``, or a deadline error when the request deadline is what ran out."""
     if deadline_passed(ex):
-        return RequestDeadlineExceeded(
-            f"request_timeout ({ex.cluster.request_timeout:g}s) passed: {error}")
+        return RequestDeadlineExceeded(f"{_deadline_name(ex.cluster)} passed: {error}")
     return error
 
 
@@ -282,7 +295,7 @@ def retry_request(ex: Exchange, error: PoiseError) -> None:
     if ex._deadline_at is not None and \
             ex.client.loop.time() + delay >= ex._deadline_at:
         ex.respond_error(RequestDeadlineExceeded(
-            f"request_timeout ({cluster.request_timeout:g}s) passed before a retry"))
+            f"{_deadline_name(cluster)} passed before a retry"))
         return
     ex._timer = ex.client.loop.call_later(delay, _resend, ex, nxt, error)
 
@@ -303,6 +316,60 @@ def _resend(ex: Exchange, pool: UpstreamPool, error: PoiseError) -> None:
 
 
 # -- the end ---------------------------------------------------------------------------
+
+
+# -- failed tries ------------------------------------------------------------------
+
+
+def retry_stale(ex: Exchange, conn: UpstreamConnection) -> bool:
+    """A reused connection closed under ``ex``: when it died before any response byte
+    and the request is replayable, re-send it once on a fresh connection (True)."""
+    if (not conn.reused or ex.response_started or ex._retried or ex._replay is None
+            or ex.finished):
+        return False
+    ex._retried = True
+    ex.conn = None
+    if ex.trace is not None:
+        ex.trace.end_try(None, "stale_connection")
+    # Everything sent so far, again: the head, then the body bytes seen (some may still
+    # wait in _up_out, which follows them).
+    ex._up_out[:0] = [ex._request_head(), *ex._replay]
+    if ex.cluster.h2:
+        h2_send(ex, ex.pool)        # (a stream on another connection, or a new one)
+    elif ex.cluster.limits is None or may_connect(ex):
+        open_connection(ex)
+    return True
+
+
+def fail_try(ex: Exchange, conn: UpstreamConnection | None, error: PoiseError) -> None:
+    """``ex``'s try failed with ``error``: count it, then retry, answer the client
+    (502/503/504) or, when response bytes already went out, cut the client off."""
+    cluster = ex.cluster
+    ex.pool.errors += 1
+    if isinstance(error, UpstreamTimeout):
+        ex.pool.tries.timeouts += 1
+    end_try(ex, NO_RESPONSE, error)
+    if not ex.response_head_sent and cluster is not None:
+        if cluster.observe is not None:
+            ex._observe(False)
+        if cluster.failure_statuses is not None:
+            cluster.report(ex.pool, Outcome.GATEWAY_ERROR)
+    if conn is not None:
+        conn.exchange = None
+        conn.close()
+    ex.conn = None
+    if ex.finished:
+        return
+    if ex._wrote_client:
+        ex.finished = True      # truncated response: the client must see a close
+        end_exchange(ex)
+        ex.client.abort()
+        return
+    if may_retry(ex, "on_timeout" if isinstance(error, UpstreamTimeout) else "on_reset"):
+        retry_request(ex, error)
+        return
+    ex._out.clear()
+    ex.respond_error(deadline_error(ex, error))
 
 
 def end_exchange(ex: Exchange) -> None:

@@ -89,6 +89,8 @@ class Site:
         self.max_request_body = spec.max_request_body
         self.forwarded_headers = spec.forwarded_headers
         self.abort_on_client_close = spec.abort_on_client_close
+        # HTTP/2 settings (a config.model.Http2) or None: HTTP/1.x only.
+        self.http2: Any = spec.http2
         self.xfp = (b"x-forwarded-proto: https\r\n" if spec.tls is not None
                     else b"x-forwarded-proto: http\r\n")
 

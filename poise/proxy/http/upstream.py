@@ -10,7 +10,8 @@ change how a connection is opened (:func:`poise.proxy.dial.dial`); once open, a 
 connection is pooled and reused like a plain one.
 
 A connection that began with a PROXY header names one client, so it is *private* to
-the client connection it was opened for (its ``owner``), as HAProxy makes such
+the client connection it was opened for (its ``owner``: a ClientConnection, or the
+H2Session of an HTTP/2 stream: ``Downstream.owner()``), as HAProxy makes such
 connections: it waits in the pool's idle list like any other (so ``max_idle``,
 ``idle_timeout`` and the connection limits see it), but only
 :meth:`UpstreamPool.take_owned` hands it out, and only to its owner.  The shared path
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.exchange import Exchange
-    from poise.proxy.http.protocol import ClientConnection
 
 
 class UpstreamPool:
@@ -68,7 +68,7 @@ class UpstreamPool:
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors", "tries", "owned")
+                 "failing", "requests", "errors", "tries", "owned", "h2")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -96,7 +96,10 @@ class UpstreamPool:
         self.errors = 0
         # Tries by outcome and latency, for metrics (poise.proxy.http.accounting).
         self.tries = Tries()
-        self.owned: dict[ClientConnection, UpstreamConnection] = {}
+        self.owned: dict[Any, UpstreamConnection] = {}
+        # HTTP/2 clusters: this backend's connections and the requests waiting for one
+        # (a poise.proxy.http2.upstream.H2Pool, made on first use), else None.
+        self.h2: Any = None
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -108,7 +111,7 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def take_owned(self, owner: ClientConnection) -> UpstreamConnection | None:
+    def take_owned(self, owner: Any) -> UpstreamConnection | None:
         """The idle connection opened for client connection ``owner`` (its PROXY header
         names that client), taken out of the idle list; or None."""
         conn = self.owned.get(owner)
@@ -121,7 +124,7 @@ class UpstreamPool:
         return conn
 
     def connect(self, timeout: float | None = None,
-                owner: ClientConnection | None = None) -> Awaitable[UpstreamConnection]:
+                owner: Any = None) -> Awaitable[UpstreamConnection]:
         """Start opening a connection, counted against the limits from this call on;
         await the result for the connection (within ``timeout``, default
         ``connect_timeout``), or UpstreamConnectError / UpstreamConnectTimeout.
@@ -134,7 +137,7 @@ class UpstreamPool:
         return self._open(conn, timeout, owner)
 
     async def _open(self, conn: UpstreamConnection, timeout: float | None,
-                    owner: ClientConnection | None) -> UpstreamConnection:
+                    owner: Any) -> UpstreamConnection:
         b = self.backend
         cluster = self.cluster
         limit = self.connect_timeout if timeout is None else timeout
@@ -163,7 +166,7 @@ class UpstreamPool:
         return conn
 
     async def _dial(self, conn: UpstreamConnection, cluster: ClusterRuntime,
-                    owner: ClientConnection | None, limit: float) -> None:
+                    owner: Any, limit: float) -> None:
         """Open ``conn`` with TLS and/or a PROXY header naming ``owner``'s client."""
         b = self.backend
         preamble = b""
@@ -216,6 +219,8 @@ class UpstreamPool:
         cutoff = now - self.idle_timeout
         while idle and idle[0].idle_since < cutoff:
             idle.popleft().close()
+        if self.h2 is not None:
+            self.h2.expire(now)
         owned = self.owned
         if owned:
             for owner in [o for o in owned if o.closed]:
@@ -236,6 +241,8 @@ class UpstreamPool:
     def close_idle(self) -> None:
         while self.idle:
             self.idle.pop().close()
+        if self.h2 is not None:
+            self.h2.close_idle()
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.backend.address} active={self.active} idle={len(self.idle)}>"
@@ -254,7 +261,7 @@ class UpstreamConnection:
         self.exchange: Exchange | None = None
         # The client connection this one is private to (it began with a PROXY header
         # naming that client), or None: shared.
-        self.owner: ClientConnection | None = None
+        self.owner: Any = None
         self.parser = httptools.HttpResponseParser(self)
         self.usable = False
         self.reused = False
