@@ -15,24 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 from poise.core import retry
 from poise.core.context import RequestContext
-from poise.core.outlier import Outcome
 from poise.errors import PoiseError, UpstreamProtocolError
 from poise.proxy.http.accounting import begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
 from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import (
+    accept_response,
     admit,
     arm_response_deadline,
-    drop_response,
     end_exchange,
     fail_try,
     may_connect,
-    may_retry,
     open_connection,
     resume_from_queue,
     retry_stale,
 )
+from poise.proxy.http.upgrade import route_websocket
 from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
@@ -167,7 +166,7 @@ class Exchange(RequestHead):
                 self.raw_body = True
                 self.websocket = None   # (no Upgrade over HTTP/2: a plain request)
             elif self.websocket is not None:
-                self._route_websocket(target)
+                route_websocket(self, target)
             limits = target.limits
             if limits is not None and not limits.check(self, 0, self.began):
                 return      # a global limit asks Redis first: it calls proceed()
@@ -175,14 +174,6 @@ class Exchange(RequestHead):
             self.respond_error(e)
             return
         self.proceed()
-
-    def _route_websocket(self, target: RouteTarget) -> None:
-        """Forward the WebSocket handshake's Upgrade if the route allows (else it is
-        declined: forwarded as a plain GET, and the connection closes after it)."""
-        settings = self.websocket = target.websocket
-        if settings is not None and self.upgrade is not None:
-            self.fields += (b"connection", b": ", b"upgrade", CRLF,
-                            b"upgrade", b": ", self.upgrade, CRLF)
 
     def proceed(self) -> None:
         """Admit (cluster limits), pick a backend, then send."""
@@ -361,7 +352,7 @@ class Exchange(RequestHead):
                          chunked: bool) -> None:
         """The backend's final response head; ``fields`` are its end-to-end header
         lines (flat name, ": ", value, CRLF groups)."""
-        if not self.accept_response(status, fields):
+        if not accept_response(self, status, fields):
             return
         client = self.client
         close = (not self.keep_alive or not self.request_complete
@@ -381,32 +372,6 @@ class Exchange(RequestHead):
         fields.append(CRLF)
         self._out.append((STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
         self.response_head_sent = True
-
-    def accept_response(self, status: int, fields: list[bytes]) -> bool:
-        """Account for a final response head from the backend (errors, latency,
-        outlier detection) and add a sticky cookie to ``fields``; False when it is
-        dropped for a retry instead (nothing of it reaches the client)."""
-        cluster = self.cluster
-        if status >= 500:
-            self.pool.errors += 1
-        if cluster.observe is not None:
-            self._observe(status < 500)
-        if cluster.failure_statuses is not None:
-            if status in cluster.failure_statuses:
-                cluster.report(self.pool, cluster.outcome_of(status))
-            elif self.pool.failing:
-                cluster.report(self.pool, Outcome.SUCCESS)
-        if cluster.retry is not None and status in cluster.retry.statuses \
-                and may_retry(self, "on_status"):
-            end_try(self, status)
-            drop_response(self)
-            return False
-        self.status = status
-        if cluster.set_cookie is not None:
-            cookie = cluster.set_cookie(self._ctx, self.pool.backend)
-            if cookie:
-                fields.append(b"set-cookie: " + cookie + CRLF)
-        return True
 
     def flush_client(self) -> None:
         out = self._out

@@ -18,6 +18,7 @@ from poise.proxy.http.downstream import Downstream
 from poise.proxy.http.errors import status_of
 from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.headers import status_line
+from poise.proxy.http.resilience import accept_response
 
 # The RST_STREAM code of a response that cannot be completed (RFC 9113 §7; the
 # others poise sends are in poise.proxy.http2.codec).
@@ -102,7 +103,7 @@ class H2Exchange(Exchange):
 
     def on_response_head(self, status: int, fields: list[bytes], has_length: bool,
                          chunked: bool) -> None:
-        if not self.accept_response(status, fields):
+        if not accept_response(self, status, fields):
             return
         if not has_length and not chunked and not (
                 self.head_only or status == 204 or status == 304):

@@ -23,6 +23,7 @@ from poise.errors import (
 )
 from poise.proxy.deadline import SLACK
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
+from poise.proxy.http.headers import CRLF
 from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
@@ -86,7 +87,6 @@ async def _connect_failing_over(ex: Exchange,
     """Finish opening a connection; when connecting fails (nothing was sent yet)
     try the other ready backends once each before answering with the last error."""
     tried: list[UpstreamPool] = list(ex._tried or ())     # (earlier tries failed)
-    cluster = ex.cluster
     while True:
         pool = ex.pool
         try:
@@ -96,41 +96,51 @@ async def _connect_failing_over(ex: Exchange,
             if ex.finished:
                 return
             tried.append(pool)
-            pool.errors += 1
-            pool.tries.connect_errors += 1
-            end_try(ex, NO_RESPONSE, e)
-            if cluster.observe is not None:
-                ex._observe(False)
-            if cluster.failure_statuses is not None:
-                cluster.report(pool, Outcome.GATEWAY_ERROR)
-            # Nothing was sent: another backend is always safe to try, unless the
-            # cluster's retries leave connect failures out.
-            failover = e.retryable and (cluster.retry is None
-                                        or cluster.retry.on_connect_failure)
-            nxt = cluster.fallback(ex, tried) if failover else None
-            if nxt is not None and cluster.limits is not None and \
-                    cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
-                nxt = None
+            nxt = fail_over(ex, pool, e, tried)
             if nxt is None:
-                ex.respond_error(deadline_error(ex, e))
                 return
-            pool.stats.in_flight -= 1
-            nxt.stats.in_flight += 1
-            nxt.requests += 1
-            ex.pool = nxt
             if ex.trace is not None:    # nothing was sent: the head names the new try
                 ex._up_out[0] = ex._request_head()
             begin_try(ex)
             connecting = nxt.connect(_connect_timeout(ex), ex.client.owner())
-            if ex.cluster.load_changed is not None:
-                ex.cluster.load_changed(pool.backend)
-                ex.cluster.load_changed(nxt.backend)
     if ex.finished:
         pool.release(conn)      # the client went away while we connected
         return
     conn.reused = False
     ex._attach(conn)
     ex.flush_upstream()
+
+
+def fail_over(ex: Exchange, pool: UpstreamPool, error: PoiseError,
+              tried: list[UpstreamPool]) -> UpstreamPool | None:
+    """Connecting to ``pool`` failed with ``error`` (nothing was sent): count the try,
+    then move ``ex`` to the next backend not in ``tried`` (its pool is returned), or
+    answer the client with the error (None).  Another backend is always safe to try,
+    unless the cluster's retries leave connect failures out."""
+    cluster = ex.cluster
+    pool.errors += 1
+    pool.tries.connect_errors += 1
+    end_try(ex, NO_RESPONSE, error)
+    if cluster.observe is not None:
+        ex._observe(False)
+    if cluster.failure_statuses is not None:
+        cluster.report(pool, Outcome.GATEWAY_ERROR)
+    failover = error.retryable and (cluster.retry is None or cluster.retry.on_connect_failure)
+    nxt = cluster.fallback(ex, tried) if failover else None
+    if nxt is not None and cluster.limits is not None and not cluster.h2 and \
+            cluster.limits.can_connect(nxt.active, nxt.max_connections) is not None:
+        nxt = None
+    if nxt is None:
+        ex.respond_error(deadline_error(ex, error))
+        return None
+    pool.stats.in_flight -= 1
+    nxt.stats.in_flight += 1
+    nxt.requests += 1
+    ex.pool = nxt
+    if cluster.load_changed is not None:
+        cluster.load_changed(pool.backend)
+        cluster.load_changed(nxt.backend)
+    return nxt
 
 
 # -- waiting for a connection ----------------------------------------------------
@@ -269,6 +279,33 @@ def may_retry(ex: Exchange, trigger: str) -> bool:
     return True
 
 
+def accept_response(ex: Exchange, status: int, fields: list[bytes]) -> bool:
+    """Account for a final response head from the backend (errors, latency,
+    outlier detection) and add a sticky cookie to ``fields``; False when it is
+    dropped for a retry instead (nothing of it reaches the client)."""
+    cluster = ex.cluster
+    if status >= 500:
+        ex.pool.errors += 1
+    if cluster.observe is not None:
+        ex._observe(status < 500)
+    if cluster.failure_statuses is not None:
+        if status in cluster.failure_statuses:
+            cluster.report(ex.pool, cluster.outcome_of(status))
+        elif ex.pool.failing:
+            cluster.report(ex.pool, Outcome.SUCCESS)
+    if cluster.retry is not None and status in cluster.retry.statuses \
+            and may_retry(ex, "on_status"):
+        end_try(ex, status)
+        drop_response(ex)
+        return False
+    ex.status = status
+    if cluster.set_cookie is not None:
+        cookie = cluster.set_cookie(ex._ctx, ex.pool.backend)
+        if cookie:
+            fields.append(b"set-cookie: " + cookie + CRLF)
+    return True
+
+
 def drop_response(ex: Exchange) -> None:
     """Stop relaying the response being received (its status is one to retry):
     the connection is closed once its parser returns, then the request retried."""
@@ -315,10 +352,10 @@ def _resend(ex: Exchange, pool: UpstreamPool, error: PoiseError) -> None:
     ex.flush_upstream()
 
 
-# -- the end ---------------------------------------------------------------------------
+# -- failed tries, and the end -----------------------------------------------------
 
 
-# -- failed tries ------------------------------------------------------------------
+# (failed tries) ------------------------------------------------------------------
 
 
 def retry_stale(ex: Exchange, conn: UpstreamConnection) -> bool:

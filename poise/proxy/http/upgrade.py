@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 import httptools
 
 from poise.proxy.http.bounds import ChunkScanner, MessageBounds
+from poise.proxy.http.headers import CRLF
 
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
     from poise.proxy.http.protocol import ClientConnection
+    from poise.proxy.http.router import RouteTarget
 
 # Exchange.websocket of a handshake request not routed yet.
 WEBSOCKET = True
@@ -43,6 +45,15 @@ def wants_websocket(ex: Exchange, method: bytes, http11: bool) -> bool:
             or ex.chunked:
         return False
     return any(token.strip().lower() == b"websocket" for token in value.split(b","))
+
+
+def route_websocket(ex: Exchange, target: RouteTarget) -> None:
+    """Forward the WebSocket handshake's Upgrade if the route allows (else it is
+    declined: forwarded as a plain GET, and the connection closes after it)."""
+    settings = ex.websocket = target.websocket
+    if settings is not None and ex.upgrade is not None:
+        ex.fields += (b"connection", b": ", b"upgrade", CRLF,
+                      b"upgrade", b": ", ex.upgrade, CRLF)
 
 
 def after_upgrade(conn: ClientConnection, data: bytes, offset: int) -> None:
