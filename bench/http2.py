@@ -350,16 +350,6 @@ def summarize(samples: list[dict], cases: list[Case]) -> dict:
 # ---------------------------------------------------------------- markdown
 
 
-def _f(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _title(case: dict) -> str:
     what = (f"POST {http2_configs.UPLOAD_MIB} MiB to {case['path']} (64 B answers)"
             if case["upload"] else
@@ -377,12 +367,12 @@ def _label(target: str) -> str:
 def _case_section(case: dict, summary: dict, duration: float) -> list[str]:
     lines = [f"## {_title(case)}", "", f"{duration:g} s per run", ""]
     med = {(r["metric"], r["name"], r["ref"]): r["median"] for r in summary["ratios"]}
-    rows = [[_label(t), _f(r["rate"], ",.0f"), _f(r["cpu_us"], ".1f"),
-             _f(med.get(("cpu", t, "haproxy")), ".2f"), _f(med.get(("cpu", t, "nginx")), ".2f"),
-             _f(100 * r["cpu_share"], ".0f"), _f(r["backend_cpu_us"], ".1f"),
-             _f(r["client_cpu_us"], ".1f"), str(r["errors"])]
+    rows = [[_label(t), report.fmt(r["rate"], ",.0f"), report.fmt(r["cpu_us"], ".1f"),
+             report.fmt(med.get(("cpu", t, "haproxy")), ".2f"), report.fmt(med.get(("cpu", t, "nginx")), ".2f"),
+             report.fmt(100 * r["cpu_share"], ".0f"), report.fmt(r["backend_cpu_us"], ".1f"),
+             report.fmt(r["client_cpu_us"], ".1f"), str(r["errors"])]
             for t, r in summary["targets"].items()]
-    lines += _table(["target", "req/s", "proxy CPU µs/req", "÷ HAProxy", "÷ nginx",
+    lines += report.table(["target", "req/s", "proxy CPU µs/req", "÷ HAProxy", "÷ nginx",
                      "proxy CPU %", "backend CPU µs/req", "client CPU µs/req", "errors"],
                     rows or [["(none measured)"] + [""] * 8])
     label = {"rate": "req/s", "cpu": "CPU µs/req"}
@@ -403,15 +393,15 @@ def _overview(result: dict) -> list[str]:
             continue
         med = {(r["metric"], r["name"], r["ref"]): r["median"] for r in summary["ratios"]}
         poise = summary["targets"].get("poise", {})
-        rows.append([case["name"], _f(poise.get("cpu_us"), ".1f"),
-                     *(_f(med.get(k), ".2f") for k in (
+        rows.append([case["name"], report.fmt(poise.get("cpu_us"), ".1f"),
+                     *(report.fmt(med.get(k), ".2f") for k in (
                          ("cpu", "poise", "haproxy"), ("cpu", "poise", "nginx"),
                          ("rate", "poise", "haproxy"), ("rate", "poise", "nginx"),
                          ("cpu", "poise", "poise-h1")))])
     if not rows:
         return []
     return ["## Overview (medians of the per-round ratios)", "",
-            *_table(["case", "poise CPU µs/req", "CPU ÷ HAProxy", "CPU ÷ nginx",
+            *report.table(["case", "poise CPU µs/req", "CPU ÷ HAProxy", "CPU ÷ nginx",
                      "req/s ÷ HAProxy", "req/s ÷ nginx", "CPU h2 ÷ h1"], rows), ""]
 
 
@@ -447,10 +437,7 @@ def render(result: dict) -> str:
         lines += [f"- {x['case']} round {x['round']}, {x['target']}: "
                   f"{x['error'].strip().splitlines()[0][:300]}" for x in failed]
         lines.append("")
-    if result["failures"]:
-        lines += ["## Failures", ""]
-        for name, msg in result["failures"].items():
-            lines += [f"- **{name}**:", "", "```", msg.strip(), "```", ""]
+    lines += report.failure_lines(result["failures"])
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -101,7 +101,7 @@ def render_markdown(result: dict) -> str:
              _kinds(r["kinds"]), ", ".join(map(str, r["rejected_per_round"])),
              _seconds(r["b3_serves_s"], r["b3_seen"], r["rounds"], f"{PROBE_WINDOW:g} s"),
              f"{r['rps']:,.0f}"] for name, r in summary.items()]
-    lines += report._table(
+    lines += report.table(
         ["proxy", "failed per round", "failed per 10 reloads (median)",
          "kinds (all rounds)", "reloads rejected", "b3 serves after (median)", "req/s"],
         rows or [["(none measured)"] + [""] * 6])
@@ -116,7 +116,7 @@ def render_markdown(result: dict) -> str:
              f"{r['b3_probe_failed']} / {r['b3_probe_sent']}",
              ", ".join(r["final_backends"]) or "—",
              "yes" if r["alive_at_end"] else "**no**"] for name, r in summary.items()]
-    lines += report._table(
+    lines += report.table(
         ["proxy", "2nd listener serves after", "2nd listener refuses after",
          "b3 probe: failed / sent", "after the last reload, served by", "alive at end"],
         rows or [["(none measured)"] + [""] * 5])

@@ -208,14 +208,27 @@ def resilience_overhead(small: dict) -> float | None:
 # ---------------------------------------------------------------- markdown
 
 
-def _f(value: float | None, fmt: str, suffix: str = "") -> str:
-    return "n/a" if value is None else format(value, fmt) + suffix
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or ``n/a`` (shared by every bench report)."""
+    return "n/a" if value is None else format(value, spec) + suffix
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: first column left-aligned, the rest right-aligned."""
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def failure_lines(failures: dict[str, str]) -> list[str]:
+    """The "Failures" section of a report (empty when nothing failed)."""
+    if not failures:
+        return []
+    lines = ["## Failures", ""]
+    for name, msg in failures.items():
+        lines += [f"- **{name}**:", "", "```", msg.strip(), "```", ""]
+    return lines
+
 
 
 def verdict_line(verdict: dict | None) -> str:
@@ -238,11 +251,11 @@ def render_markdown(result: dict) -> str:
              f"`wrk -t1 -c{s['connections']} --latency` GET / (64-byte body), "
              f"warm-up {s['warmup']} s per proxy", ""]
     lines += ["## Small responses (GET /, 64-byte body)", ""]
-    rows = [[name, _f(r["rps"], ",.0f"), _f(r["p50_s"] and r["p50_s"] * 1e3, ".2f", " ms"),
-             _f(r["p99_s"] and r["p99_s"] * 1e3, ".2f", " ms"), _f(r["cpu_us_per_req"], ".1f"),
-             _f(r["cpu_ratio_vs_haproxy"], ".2f", "×"), _f(r["backend_cpu_us_per_req"], ".1f"),
+    rows = [[name, fmt(r["rps"], ",.0f"), fmt(r["p50_s"] and r["p50_s"] * 1e3, ".2f", " ms"),
+             fmt(r["p99_s"] and r["p99_s"] * 1e3, ".2f", " ms"), fmt(r["cpu_us_per_req"], ".1f"),
+             fmt(r["cpu_ratio_vs_haproxy"], ".2f", "×"), fmt(r["backend_cpu_us_per_req"], ".1f"),
              str(r["errors"])] for name, r in summary["small"].items()]
-    lines += _table(["proxy", "req/s", "p50", "p99", "CPU µs/req", "ratio to HAProxy CPU/req",
+    lines += table(["proxy", "req/s", "p50", "p99", "CPU µs/req", "ratio to HAProxy CPU/req",
                      "backend CPU µs/req", "errors"], rows or [["(none measured)"] + [""] * 7])
     lines += ["", f"**{verdict_line(summary['cpu_verdict'])}**", ""]
     paired = summary.get("paired_cpu_ratios") or []
@@ -281,18 +294,15 @@ def render_markdown(result: dict) -> str:
     if s["stream"]:
         lines += [f"## Streaming (GET /big, {BIG_SIZE // MIB} MiB body, "
                   f"`wrk -t1 -c{s['stream_connections']}` × {s['duration']} s)", ""]
-        rows = [[name, _f(r["mib_per_s"], ",.0f"), str(r["responses"]),
-                 _f(r["cpu_ms_per_response"], ".2f"), _f(r["cpu_ratio_vs_haproxy"], ".2f", "×"),
-                 _f(r["backend_cpu_ms_per_response"], ".2f"), str(r["errors"])]
+        rows = [[name, fmt(r["mib_per_s"], ",.0f"), str(r["responses"]),
+                 fmt(r["cpu_ms_per_response"], ".2f"), fmt(r["cpu_ratio_vs_haproxy"], ".2f", "×"),
+                 fmt(r["backend_cpu_ms_per_response"], ".2f"), str(r["errors"])]
                 for name, r in summary["stream"].items()]
-        lines += _table(["proxy", "MiB/s", "responses", "CPU ms / 10 MiB response",
+        lines += table(["proxy", "MiB/s", "responses", "CPU ms / 10 MiB response",
                          "ratio to HAProxy", "backend CPU ms/response", "errors"],
                         rows or [["(none measured)"] + [""] * 6])
         lines.append("")
-    if result["failures"]:
-        lines += ["## Failures", ""]
-        for name, msg in result["failures"].items():
-            lines += [f"- **{name}**:", "", "```", msg.strip(), "```", ""]
+    lines += failure_lines(result["failures"])
     return "\n".join(lines).rstrip() + "\n"
 
 

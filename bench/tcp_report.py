@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from statistics import median
 
+import report
+
 # case -> (title, rate unit, CPU unit, CPU scale: per GiB in s, per request in µs)
 INFO = {
     "download": ("Bulk download through an L4 relay (GET /big, {big} MiB responses)",
@@ -81,16 +83,6 @@ def summarize(samples: list[dict], cases) -> dict:
 # ---------------------------------------------------------------- markdown
 
 
-def _f(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _goal(case: str, ratio: dict) -> str:
     if case not in ("download", "upload") or ratio["name"] != "poise":
         return ""
@@ -110,12 +102,12 @@ def _case_section(case: dict, summary: dict, settings: dict) -> list[str]:
     rate_fmt, cpu_fmt = (".3f", ".3f") if scale == 1.0 else (",.0f", ".1f")
     ratios = {(r["metric"], r["name"]): r["median"] for r in summary["ratios"]
               if r["ref"] in ("direct", "haproxy")}
-    rows = [[t, _f(r["rate"], rate_fmt), _f(ratios.get(("rate", t)), ".2f"),
-             _f(r["cpu_per"], cpu_fmt), _f(ratios.get(("cpu", t)), ".2f"),
-             _f(r["backend_cpu_per"], cpu_fmt), str(r["errors"])]
+    rows = [[t, report.fmt(r["rate"], rate_fmt), report.fmt(ratios.get(("rate", t)), ".2f"),
+             report.fmt(r["cpu_per"], cpu_fmt), report.fmt(ratios.get(("cpu", t)), ".2f"),
+             report.fmt(r["backend_cpu_per"], cpu_fmt), str(r["errors"])]
             for t, r in summary["targets"].items()]
     ref = "direct" if case["role"] == "l4" else "HAProxy"
-    lines += _table(["target", rate_unit, f"÷ {ref}", f"proxy {cpu_unit}", "÷ HAProxy",
+    lines += report.table(["target", rate_unit, f"÷ {ref}", f"proxy {cpu_unit}", "÷ HAProxy",
                      f"backend {cpu_unit}", "errors"],
                     rows or [["(none measured)"] + [""] * 6])
     label = {"rate": rate_unit, "cpu": cpu_unit}
@@ -133,7 +125,7 @@ def _tls_lines(tls: dict) -> list[str]:
     keys = ("protocol", "cipher", "group", "signature")
     seen = {tuple(p.get(k) for k in keys) for p in tls.values()}
     lines = ["## TLS parameters (`openssl s_client`, OpenSSL's default offer, as wrk's)", ""]
-    lines += _table(["proxy", *keys], [[t, *(p.get(k) or "n/a" for k in keys)]
+    lines += report.table(["proxy", *keys], [[t, *(p.get(k) or "n/a" for k in keys)]
                                        for t, p in tls.items()])
     lines += ["", "All proxies negotiate the same parameters." if len(seen) == 1 else
               "**The proxies do not all negotiate the same parameters.**", ""]

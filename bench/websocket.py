@@ -369,16 +369,6 @@ def summarize(samples: list[dict], cases: list[Case]) -> dict:
 # ---------------------------------------------------------------- markdown
 
 
-def _f(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _title(case: dict) -> str:
     if case["kind"] == "messages":
         size = f"{case['size'] // 1024} KiB" if case["size"] >= 1024 else f"{case['size']} B"
@@ -393,11 +383,11 @@ def _case_section(case: dict, summary: dict, duration: float) -> list[str]:
     per = "msg" if case["kind"] == "messages" else "handshake"
     lines = [f"## {_title(case)}", "", f"{duration:g} s per run", ""]
     med = {(r["metric"], r["name"], r["ref"]): r["median"] for r in summary["ratios"]}
-    rows = [[t, _f(r["rate"], ",.0f"), _f(r["cpu_us"], ".2f"),
-             _f(med.get(("cpu", t, "haproxy")), ".2f"), _f(med.get(("cpu", t, "nginx")), ".2f"),
-             _f(r["backend_cpu_us"], ".2f"), _f(r["client_cpu_us"], ".2f"), str(r["errors"])]
+    rows = [[t, report.fmt(r["rate"], ",.0f"), report.fmt(r["cpu_us"], ".2f"),
+             report.fmt(med.get(("cpu", t, "haproxy")), ".2f"), report.fmt(med.get(("cpu", t, "nginx")), ".2f"),
+             report.fmt(r["backend_cpu_us"], ".2f"), report.fmt(r["client_cpu_us"], ".2f"), str(r["errors"])]
             for t, r in summary["targets"].items()]
-    lines += _table(["target", f"{unit}/s", f"proxy CPU µs/{per}", "÷ HAProxy", "÷ nginx",
+    lines += report.table(["target", f"{unit}/s", f"proxy CPU µs/{per}", "÷ HAProxy", "÷ nginx",
                      f"backend CPU µs/{per}", f"client CPU µs/{per}", "errors"],
                     rows or [["(none measured)"] + [""] * 7])
     label = {"rate": f"{unit}/s", "cpu": f"CPU µs/{per}"}
@@ -438,10 +428,7 @@ def render(result: dict) -> str:
         lines += [f"- {x['case']} round {x['round']}, {x['target']}: "
                   f"{x['error'].strip().splitlines()[0][:300]}" for x in failed]
         lines.append("")
-    if result["failures"]:
-        lines += ["## Failures", ""]
-        for name, msg in result["failures"].items():
-            lines += [f"- **{name}**:", "", "```", msg.strip(), "```", ""]
+    lines += report.failure_lines(result["failures"])
     return "\n".join(lines).rstrip() + "\n"
 
 
