@@ -13,12 +13,15 @@ and by the health checks, so that a probe reaches a backend exactly as traffic d
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any
+
+from poise.errors import UpstreamConnectError, UpstreamConnectTimeout
 
 log = logging.getLogger("poise")
 
@@ -109,3 +112,20 @@ def warn_tls(address: str, reason: str) -> None:
         _warned.clear()
     _warned[key] = now
     log.warning("TLS to backend %s failed: %s", address, reason)
+
+
+def connect_error(e: BaseException, address: str) -> Any:
+    """The poise error for a failure opening a connection to backend ``address`` (a
+    timeout, a TLS failure, logged at most once per 10 s by :func:`warn_tls`, or a
+    socket error), or None for anything else (a bug, a cancellation: re-raise it)."""
+    if isinstance(e, TimeoutError):
+        return UpstreamConnectTimeout(f"connect to {address} timed out")
+    if isinstance(e, ssl.SSLError):
+        # (Before OSError, its base: errno means nothing for a TLS failure.)
+        reason = tls_failure(e) or str(e)
+        warn_tls(address, reason)
+        return UpstreamConnectError(f"TLS to {address} failed: {reason}")
+    if isinstance(e, OSError):
+        reason = errno.errorcode.get(e.errno or 0, str(e))
+        return UpstreamConnectError(f"connect to {address} failed: {reason}")
+    return None

@@ -23,10 +23,8 @@ for them; the exchange decides between the two with one attribute check.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -34,14 +32,12 @@ import httptools
 
 from poise.core.backend import Backend, BackendStats
 from poise.errors import (
-    UpstreamConnectError,
-    UpstreamConnectTimeout,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
 from poise.proxy.deadline import Deadline
-from poise.proxy.dial import dial, tls_failure, warn_tls
+from poise.proxy.dial import connect_error, dial
 from poise.proxy.http.accounting import Tries
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 from poise.proxy.http.tunnel import open_tunnel
@@ -152,17 +148,10 @@ class UpstreamPool:
         except BaseException as e:
             if conn.transport is None:  # else its connection_lost does the accounting
                 self.closed()
-            if isinstance(e, TimeoutError):
-                raise UpstreamConnectTimeout(f"connect to {b.address} timed out") from None
-            if isinstance(e, ssl.SSLError):
-                # (Before OSError, its base: errno means nothing for a TLS failure.)
-                reason = tls_failure(e) or str(e)
-                warn_tls(b.address, reason)
-                raise UpstreamConnectError(f"TLS to {b.address} failed: {reason}") from None
-            if isinstance(e, OSError):
-                reason = errno.errorcode.get(e.errno or 0, str(e))
-                raise UpstreamConnectError(f"connect to {b.address} failed: {reason}") from None
-            raise
+            error = connect_error(e, b.address)
+            if error is None:
+                raise
+            raise error from None
         return conn
 
     async def _dial(self, conn: UpstreamConnection, cluster: ClusterRuntime,

@@ -22,15 +22,13 @@ A request of an h2 cluster is an ordinary :class:`~poise.proxy.http.exchange.Exc
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from poise.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamReset
-from poise.proxy.dial import dial, tls_failure, warn_tls
+from poise.errors import UpstreamConnectError, UpstreamReset
+from poise.proxy.dial import connect_error, dial
 from poise.proxy.http.accounting import begin_try
 from poise.proxy.http2.codec import (
     H2Configuration,
@@ -125,7 +123,8 @@ class H2Pool:
             self.connecting -= 1
             if conn.transport is None:
                 pool.closed()
-            self._connect_failed(_connect_error(e, backend.address, pool.connect_timeout))
+            self._connect_failed(connect_error(e, backend.address) or UpstreamConnectError(
+                f"connect to {backend.address} failed: {e}"))
             return
         self.connecting -= 1
         self.conns.append(conn)
@@ -187,19 +186,6 @@ def fail_over(ex: Exchange, pool: UpstreamPool, error: Any) -> None:
     if h2pool is None:
         h2pool = nxt.h2 = H2Pool(nxt)
     h2pool.send(ex)
-
-
-def _connect_error(e: BaseException, address: str, timeout: float) -> Any:
-    if isinstance(e, TimeoutError):
-        return UpstreamConnectTimeout(f"connect to {address} timed out")
-    if isinstance(e, ssl.SSLError):
-        reason = tls_failure(e) or str(e)
-        warn_tls(address, reason)
-        return UpstreamConnectError(f"TLS to {address} failed: {reason}")
-    if isinstance(e, OSError):
-        return UpstreamConnectError(
-            f"connect to {address} failed: {errno.errorcode.get(e.errno or 0, str(e))}")
-    return UpstreamConnectError(f"connect to {address} failed: {e}")
 
 
 class H2Upstream(asyncio.Protocol):
