@@ -15,12 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support.procs import Stack  # noqa: E402
+
+# No per-example deadline (Hypothesis' default is 200 ms): one example that a loaded CI
+# box happens to run slowly would fail its test (DeadlineExceeded, or Flaky when the
+# replay is fast), and no test here is about speed.
+settings.register_profile("poise", deadline=None)
+settings.load_profile("poise")
 
 
 def pytest_configure(config: pytest.Config) -> None:

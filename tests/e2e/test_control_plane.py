@@ -136,7 +136,10 @@ def probe_times(backend) -> list[float]:
 
 def test_health_checks_run_once_whatever_the_number_of_workers(stack):
     b1, b2 = stack.backend("b1"), stack.backend("b2")
-    check = {"interval": "100ms", "timeout": "100ms", "jitter": 0, "rise": 1, "fall": 1}
+    # fall 3: a probe of a healthy backend that times out (100 ms, which a loaded CI box
+    # sometimes takes) must not take it out, which would change the snapshot versions
+    # awaited below.
+    check = {"interval": "100ms", "timeout": "100ms", "jitter": 0, "rise": 1, "fall": 3}
     px = stack.poise([b1, b2], workers=2, admin=ADMIN, cluster={"health_check": check})
     wait_for(lambda: len(probe_times(b1)) >= 3 and len(probe_times(b2)) >= 3,
              what="the first probes")
@@ -146,9 +149,10 @@ def test_health_checks_run_once_whatever_the_number_of_workers(stack):
         wait_for(lambda b=b: any(t >= start + window for t in probe_times(b)),
                  window + 3, f"a probe of {b.name} after the window")
         n = sum(1 for t in probe_times(b) if start <= t < start + window)
-        # One prober, a probe every 100ms (from the end of the last): about 20.
-        # One per worker would be about 40.
-        assert 12 <= n <= 28, f"{n} probes of {b.name} in {window}s"
+        # One prober, a probe every 100ms (from the end of the last): about 20, at most
+        # 21.  One per worker would be about 40.  (Fewer only when probes take longer,
+        # as on a loaded CI box: 8 allows them 150 ms each on average.)
+        assert 8 <= n <= 28, f"{n} probes of {b.name} in {window}s"
 
     # The verdict reaches both workers: a failing backend leaves both rotations.
     v = snapshot(px)

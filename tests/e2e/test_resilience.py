@@ -174,7 +174,10 @@ def in_parallel(n: int, job) -> list:
 
 # -- 1. a backend killed under load, then restarted ---------------------------------------
 
-KILL_CHECK = {"type": "http", "path": "/health", "interval": "200ms", "timeout": "100ms",
+# (A probe may take its whole interval: one that times out after 100 ms, as a live
+# backend's sometimes does on a loaded CI box, counts towards taking it out; a dead
+# backend's connect is refused at once either way.)
+KILL_CHECK = {"type": "http", "path": "/health", "interval": "200ms", "timeout": "200ms",
               "rise": 2, "fall": 2}
 KILL_OUTLIER = {"consecutive_gateway_errors": 3, "base_ejection_time": "30s"}
 
@@ -256,14 +259,14 @@ def readable(sock: socket.socket) -> bool:
 
 def test_backend_that_never_answers_gets_504s_at_the_deadline_then_is_ejected(
         stack, record_property):
-    """response_header_timeout 300 ms, 2 gateway errors eject, no retries: a request
+    """response_header_timeout 700 ms, 2 gateway errors eject, no retries: a request
     routed to the silent backend is answered 504 after the deadline, not before, and
     while it waits other requests are served by the others; after two such 504s the
     silent backend is ejected and every request is served by the others."""
     hang = stack.backend("hang", hang=True)
     ok1, ok2 = stack.backend("ok1"), stack.backend("ok2")
     px = stack.poise([hang, ok1, ok2], cluster={
-        "response_header_timeout": "300ms",
+        "response_header_timeout": "700ms",
         "outlier_detection": {"consecutive_gateway_errors": 2}})
     ejection = re.compile(rf"backend {re.escape(hang.address)} ejected")
     waits: list[tuple[Outcome, list[Outcome]]] = []     # a 504, what was served meanwhile
@@ -294,8 +297,8 @@ def test_backend_that_never_answers_gets_504s_at_the_deadline_then_is_ejected(
            timeout_latency_s=[round(o.elapsed, 3) for o in timeouts])
     assert len(timeouts) == 2
     for o in timeouts:
-        assert 0.3 - TIMER_SLACK <= o.elapsed < 1.8, \
-            f"504 after {o.elapsed:.3f}s for a 300ms deadline"
+        assert 0.7 - TIMER_SLACK <= o.elapsed < 2.2, \
+            f"504 after {o.elapsed:.3f}s for a 700ms deadline"
     for o, meanwhile in waits:      # the others served while the silent one kept a request
         assert len(meanwhile) == 2 and all(m.status == 200 for m in meanwhile), meanwhile
         assert {m.backend for m in meanwhile} == {"ok1", "ok2"}
@@ -349,10 +352,12 @@ def test_half_failing_backend_is_ejected_and_retries_hide_its_500s(stack, record
 
 def test_all_backends_down_answers_503_at_once(stack, record_property):
     """Every backend killed, active checks every 100 ms with fall 1: once poise has
-    marked them all down, requests are answered 503 at once (median of 20 < 10 ms),
-    without trying the dead backends and without hanging."""
+    marked them all down, requests are answered 503 at once (median of 20 < 50 ms;
+    about 0.1 ms here, but 8 ms was seen under heavy CPU contention), without trying
+    the dead backends and without hanging (a request that waited for a backend, as
+    far as queue_timeout, set to 3 s, would take seconds)."""
     backends = [stack.backend(f"b{i}") for i in (1, 2, 3)]
-    px = stack.poise(backends, cluster={"health_check": {
+    px = stack.poise(backends, cluster={"queue_timeout": "3s", "health_check": {
         "path": "/health", "interval": "100ms", "timeout": "100ms", "rise": 1, "fall": 1}})
     with H11Client(px.addr) as c:
         assert c.get("/echo").status == 200
@@ -365,7 +370,7 @@ def test_all_backends_down_answers_503_at_once(stack, record_property):
     report(record_property, median_503_ms=round(median * 1000, 2),
            max_503_ms=round(latencies[-1] * 1000, 2))
     assert [o.status for o in outcomes] == [503] * 20
-    assert median < 0.010, f"median {median * 1000:.1f} ms"
+    assert median < 0.050, f"median {median * 1000:.1f} ms"
     assert latencies[-1] < 1.0
 
 
@@ -379,8 +384,10 @@ def spread(px, n: int = 200) -> dict[str | None, int]:
     return counts
 
 
+# fall 3: a healthy backend whose probe times out (100 ms, which a loaded CI box
+# sometimes takes) must not leave, or the share of healthy backends changes.
 PANIC_CHECK = {"path": "/health", "interval": "100ms", "timeout": "100ms", "rise": 1,
-               "fall": 1}
+               "fall": 3}
 
 
 def test_panic_mode_spreads_traffic_over_all_backends_below_the_threshold(stack):

@@ -272,16 +272,18 @@ def test_ejection_ends_on_the_release_timer(make, loop):
 
 def test_release_timer_follows_the_earliest_ejection_end(make, loop):
     # a's second ejection lasts 2 x base; b, ejected just after it for 1 x base, must be
-    # released at its own end, not when a is.
+    # released at its own end, not when a is.  (A base of 300 ms: the loop would have to
+    # stall for most of 300 ms past b's end for a's end to pass before the check; with
+    # 100 ms, 70 ms of a loaded CI box would do.)
     rt = make(3, panic_threshold=0, outlier_detection={
-        "consecutive_gateway_errors": 1, "base_ejection_time": "100ms",
+        "consecutive_gateway_errors": 1, "base_ejection_time": "300ms",
         "max_ejection_percent": "100%"})
     a, b, _ = members(rt)
     rt.report(rt.pools[a], Outcome.GATEWAY_ERROR)
-    loop.run_until_complete(asyncio.sleep(0.15))
+    loop.run_until_complete(asyncio.sleep(0.35))
     assert rt.health.flags(a) == HealthFlag(0)
-    rt.report(rt.pools[a], Outcome.GATEWAY_ERROR)       # 200ms
-    rt.report(rt.pools[b], Outcome.GATEWAY_ERROR)       # 100ms
+    rt.report(rt.pools[a], Outcome.GATEWAY_ERROR)       # 600ms
+    rt.report(rt.pools[b], Outcome.GATEWAY_ERROR)       # 300ms
     b_ends = rt.health.next_release()
     assert rt._release_timer.when() == pytest.approx(b_ends, abs=0.01), \
         "the release timer is armed for a later ejection end than b's"

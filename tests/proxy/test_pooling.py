@@ -121,12 +121,16 @@ def test_connection_closed_by_backend_after_each_response_is_never_used(stack):
 
 
 def test_connection_closed_by_backend_idle_timeout_is_never_used(stack):
+    # The backend closes a connection idle for 0.15 s; the next request comes 0.6 s
+    # after the last answer, which leaves the backend and poise 0.45 s to close it and
+    # see it closed (with 0.3 s pauses a loaded CI box had only 0.15 s, and a request
+    # sent as the close crossed it is a 502 for a POST, however correct poise is).
     b = stack.backend(idle_timeout=0.15)
     px = stack.poise([b])
-    assert _sequential(px, "POST", 12, 0.3) == [200] * 12
+    assert _sequential(px, "POST", 6, 0.6) == [200] * 6
     stats = b.stats()
-    assert len(stats["requests"]) == 12
-    assert stats["connections"] == 12
+    assert len(stats["requests"]) == 6
+    assert stats["connections"] == 6
 
 
 def test_backend_connection_close_response_is_not_pooled(stack):

@@ -163,19 +163,21 @@ def test_max_retries_zero_allows_no_retry(stack, pair):
 
 def test_max_retries_caps_retries_in_flight(stack, pair):
     # A's retry (to b2, which never answers) holds the only retry slot while B fails on
-    # b1: B gets b1's 503 at once, unretried.
+    # b1: B gets b1's 503 at once, unretried.  (A's retry holds the slot for 1.5 s: B
+    # must have its answer before that, and waiting for the slot would take about as
+    # long; with 500 ms a loaded CI box could see the slot freed before B's 503 came.)
     b1, b2 = pair
     set_mode(b1, status=503)
     set_mode(b2, kind="never")
     px = stack.poise([b1, b2], cluster={
-        **retrying(attempts=2, retry_on=[503, "timeout"], per_try_timeout="500ms"),
+        **retrying(attempts=2, retry_on=[503, "timeout"], per_try_timeout="1500ms"),
         "max_retries": 1})
     with H11Client(px.addr) as a, H11Client(px.addr) as b:
         a.send("GET", "/mode?a")
         wait_for(lambda: len(served(b2)) == 1, what="A's retry at b2")
         r, elapsed = timed(b, "GET", "/mode?b")
         assert r.status == 503 and from_backend(r) == "b1"
-        assert elapsed < 0.3
+        assert elapsed < 0.8, f"B answered after {elapsed:.3f}s: it waited for the slot"
         assert a.read_response().status == 504
     assert [q["target"] for q in served(b2)] == ["/mode?a"]
 
@@ -326,19 +328,22 @@ def test_never_retried_once_response_bytes_reached_the_client(stack, pair):
 
 
 def test_max_requests_overflow_is_503_with_the_limit_named(stack):
+    # The slow requests hold both slots for 2 s: the three overflowing ones (each
+    # answered at once, or after waiting for a slot, which would take seconds) come
+    # while they do, even on a loaded CI box (0.5 s was tight there).
     b = stack.backend()
     px = stack.poise([b], cluster={"max_requests": 2})
     slow = [H11Client(px.addr) for _ in range(2)]
     try:
         for i, c in enumerate(slow):
-            c.send("GET", f"/slow?delay=0.5&i={i}")
+            c.send("GET", f"/slow?delay=2&i={i}")
         wait_for(lambda: len(served(b)) == 2, what="both slow requests at the backend")
         for _ in range(3):
             with H11Client(px.addr) as c:
                 r, elapsed = timed(c, "GET", "/echo?over")
                 assert r.status == 503
                 assert r.header("x-poise-limit") == "max_requests"
-                assert elapsed < 0.3
+                assert elapsed < 0.6, f"503 after {elapsed:.3f}s: not at once"
                 assert c.reusable, "an overflow answer keeps the client connection"
         assert [c.read_response().status for c in slow] == [200, 200]
     finally:
@@ -403,56 +408,67 @@ def test_max_pending_overflow_is_503_with_the_limit_named(stack):
 
 
 def test_queue_timeout_is_503_with_the_limit_named(stack):
+    # The first request holds the connection for 1.2 s, far longer than the queue
+    # timeout (with 0.7 s a loaded CI box could see it done before the queued one timed
+    # out, and a 200 instead).
     b = stack.backend()
     px = stack.poise([b], cluster={"max_connections": 1, "queue_timeout": "200ms"})
     with H11Client(px.addr) as first:
-        first.send("GET", "/slow?delay=0.7")
+        first.send("GET", "/slow?delay=1.2")
         wait_for(lambda: len(served(b)) == 1, what="the first request at the backend")
         with H11Client(px.addr) as c:
             r, elapsed = timed(c, "GET", "/echo?queued")
             assert r.status == 503 and r.header("x-poise-limit") == "queue_timeout"
-            assert 0.19 <= elapsed < 0.6, f"503 after {elapsed:.3f}s (queue_timeout 200ms)"
+            assert 0.19 <= elapsed < 0.9, f"503 after {elapsed:.3f}s (queue_timeout 200ms)"
             assert c.reusable
         assert first.read_response().status == 200
-    assert [q["target"] for q in served(b)] == ["/slow?delay=0.7"]
+    assert [q["target"] for q in served(b)] == ["/slow?delay=1.2"]
 
 
 def test_request_timeout_in_the_queue_is_504(stack):
+    # 300 ms leave the holder's response head time to come on a loaded CI box (with
+    # 100 ms its own deadline could cut it, freeing the connection); a queued request
+    # that waited for the queue timeout instead would take 5 s.
     b = stack.backend()
-    px = stack.poise([b], cluster={"max_connections": 1, "queue_timeout": "2s",
-                                   "request_timeout": "100ms"})
+    px = stack.poise([b], cluster={"max_connections": 1, "queue_timeout": "5s",
+                                   "request_timeout": "300ms"})
     with H11Client(px.addr) as holder:
         # The response head comes at once (the deadline is met) but the client does not
         # read the body: the only connection stays busy.
         holder.send("GET", "/bytes/50000000")
-        holder.sock.recv(1000)
+        assert holder.sock.recv(1000).startswith(b"HTTP/1.1 200 "), "the holder's head"
         answers = []
         with H11Client(px.addr) as c:
             for _ in range(10):     # repeated: a wrong answer used to show in some only
                 r, elapsed = timed(c, "GET", "/echo?queued")
                 answers.append((r.status, r.header("x-poise-limit")))
-                assert 0.09 <= elapsed < 0.5, f"answered after {elapsed:.3f}s"
+                assert 0.29 <= elapsed < 1.5, f"answered after {elapsed:.3f}s"
     assert answers == [(504, None)] * 10
 
 
 def test_a_queued_request_whose_client_left_gives_up_its_place(stack):
+    # The holder keeps the only connection busy (it does not read its response) until
+    # the test reads it: no timing decides when the connection frees up.  (It used to
+    # be a 1 s response, and a request not answered within 50 ms was taken for queued:
+    # both too tight on a loaded CI box.)
     b = stack.backend()
     px = stack.poise([b], cluster={"max_connections": 1, "max_pending": 1,
-                                   "queue_timeout": "3s"})
+                                   "queue_timeout": "20s"})
     with H11Client(px.addr) as holder:
-        holder.send("GET", "/slow?delay=1")
+        holder.send("GET", "/bytes/50000000")
         wait_for(lambda: len(served(b)) == 1, what="the first request at the backend")
         gone = connect(px.addr)
         gone.sendall(b"GET /echo?gone HTTP/1.1\r\nHost: x\r\n\r\n")
         gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         gone.close()                                    # reset: the client is gone
         # Queue another request; until poise has seen the reset, the queue may still be
-        # full (503 max_pending at once): try again, for at most half a second.
-        deadline = time.monotonic() + 0.5
+        # full (503 max_pending at once): try again, for at most two seconds.  A request
+        # not answered within a second waits in the queue (the holder is not done).
+        deadline = time.monotonic() + 2
         while True:
             c = H11Client(px.addr)
             c.send("GET", "/echo?queued")
-            c.sock.settimeout(0.05)
+            c.sock.settimeout(1)
             try:
                 r = c.read_response()
             except TimeoutError:
@@ -461,10 +477,11 @@ def test_a_queued_request_whose_client_left_gives_up_its_place(stack):
             assert r.status == 503 and r.header("x-poise-limit") == "max_pending"
             assert time.monotonic() < deadline, "the place of the client that left is kept"
         with c:
-            c.sock.settimeout(5)
-            assert holder.read_response().status == 200
+            c.sock.settimeout(10)
+            r = holder.read_response()                  # the connection is free again
+            assert r.status == 200 and len(r.body) == 50_000_000
             assert c.read_response().status == 200
-    assert [q["target"] for q in served(b)] == ["/slow?delay=1", "/echo?queued"]
+    assert [q["target"] for q in served(b)] == ["/bytes/50000000", "/echo?queued"]
 
 
 def test_failures_of_every_kind_leave_no_limit_slot_taken(stack):
@@ -549,11 +566,13 @@ def test_idle_connections_of_another_backend_make_room_under_max_connections(sta
     with H11Client(px.addr) as c:
         warm = {c.get(f"/echo?warm={i}").header("x-backend") for i in range(2)}
     assert warm == {"b1", "b2"}
+    # (1 s requests: waiting for the other one would take 2 s in all, so the bound on
+    # the time leaves a loaded CI box most of a second; with 0.3 s it left 250 ms.)
     clients = [H11Client(px.addr) for _ in range(2)]
     try:
         t0 = time.monotonic()
         for i, c in enumerate(clients):
-            c.send("GET", f"/slow?delay=0.3&i={i}", [("X-Key", "same")])
+            c.send("GET", f"/slow?delay=1&i={i}", [("X-Key", "same")])
         responses = [c.read_response() for c in clients]
         elapsed = time.monotonic() - t0
     finally:
@@ -564,7 +583,7 @@ def test_idle_connections_of_another_backend_make_room_under_max_connections(sta
     assert len(names) == 1
     busy = b1 if names == {"b1"} else b2
     assert busy.stats()["connections"] == 2
-    assert elapsed < 0.55, f"the second request waited ({elapsed:.3f}s) instead of connecting"
+    assert elapsed < 1.8, f"the second request waited ({elapsed:.3f}s) instead of connecting"
     with H11Client(px.addr) as c:                   # and the other backend still serves
         got = {c.get(f"/echo?after={i}").header("x-backend") for i in range(2)}
     assert got == {"b1", "b2"}

@@ -125,9 +125,12 @@ def test_idle_keep_alive_connection_is_closed_after_the_idle_timeout(proxy):
 def test_a_busy_keep_alive_connection_is_not_closed(proxy):
     px, _ = proxy
     with H11Client(px.addr) as c:
-        for i in range(6):          # 6 × 0.3 s = 1.8 s > both timeouts, never idle for long
+        # 18 × 0.1 s = 1.8 s > both timeouts, never idle for long: a pause would have
+        # to stretch by 0.5 s to reach the idle timeout (with 0.3 s pauses a loaded CI
+        # box had only 0.3 s to spare).
+        for i in range(18):
             assert c.get(f"/echo?{i}").status == 200
-            time.sleep(IDLE_TIMEOUT / 2)
+            time.sleep(IDLE_TIMEOUT / 6)
 
 
 def test_idle_timeout_does_not_cut_a_slow_response(proxy):
