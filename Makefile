@@ -10,8 +10,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # The HTTP hot path is compiled with mypyc at install (setup.py): editing one of its
-# modules reinstalls, so the compiled modules never lag behind their sources.
-HOT_PATH_SOURCES := $(wildcard poise/proxy/http/*.py) poise/proxy/deadline.py \
+# modules (or the C head parser) reinstalls, so the compiled modules never lag behind
+# their sources.
+HOT_PATH_SOURCES := $(wildcard poise/proxy/http/*.py poise/proxy/http/*.c) poise/proxy/deadline.py \
                     poise/observability/access_format.py poise/core/ratelimit.py
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(HOT_PATH_SOURCES)
@@ -46,6 +47,9 @@ bench: install
 	$(BIN)/python bench/tcp.py
 	$(BIN)/python bench/websocket.py
 	$(BIN)/python bench/http2.py
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/memory.py
 
 lint: install
 	$(BIN)/ruff check poise tests bench

@@ -13,7 +13,7 @@ Everything else (metadata, dependencies) is in pyproject.toml.
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HOT_PATH = [
     "poise/core/ratelimit.py",
@@ -53,4 +53,13 @@ def hot_path_extensions() -> list:
     return extensions
 
 
-setup(ext_modules=hot_path_extensions())
+def head_parser_extension() -> list:
+    """The one-call HTTP/1.x head parser (poise/proxy/http/h1head.c): optional, like
+    the compiled hot path (without it httptools parses every message)."""
+    if os.environ.get("POISE_PURE") == "1":
+        return []
+    return [Extension("poise.proxy.http._h1head", ["poise/proxy/http/h1head.c"],
+                      extra_compile_args=["-O2"], optional=True)]
+
+
+setup(ext_modules=hot_path_extensions() + head_parser_extension())

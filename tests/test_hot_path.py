@@ -65,3 +65,23 @@ def test_poise_interpreted_runs_the_sources():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["interpreted", "True"]
+
+
+@pytest.mark.skipif(poise.hot_path() == "interpreted", reason="hot path not compiled here")
+def test_the_c_head_parser_is_built_from_the_current_source():
+    from poise.proxy.http import fasthead
+
+    assert fasthead.parse_request is not None, "poise/proxy/http/h1head.c was not built"
+    built = Path(importlib.import_module("poise.proxy.http._h1head").__file__)
+    source = ROOT / "poise/proxy/http/h1head.c"
+    assert built.stat().st_mtime >= source.stat().st_mtime, \
+        f"{built.name} is older than {source.name}: run `make install`"
+
+
+def test_poise_interpreted_parses_with_httptools_only():
+    code = ("from poise.proxy.http import fasthead; "
+            "print(fasthead.parse_request is None and fasthead.parse_response is None)")
+    env = {**os.environ, "POISE_INTERPRETED": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["True"]

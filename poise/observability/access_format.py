@@ -28,24 +28,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 # Printable ASCII but the two bytes that would end or escape a quoted string.
-_SAFE = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))
+_SAFE: Final = bytes(c for c in range(0x20, 0x7F) if c not in (0x22, 0x5C))
 # Maps every safe byte to itself and every other byte to another one: ``v.translate(_KEEP)
 # == v`` says "nothing to escape" with the cheapest C loop bytes have (no table to build,
 # and the unchanged input itself comes back, so the comparison is by identity).
-_KEEP = bytes(c if c in _SAFE else c ^ 0x80 for c in range(256))
-_CLF_ESCAPED = tuple(bytes([c]) if c in _SAFE else b"\\x%02X" % c for c in range(256))
-_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
+_KEEP: Final = bytes(c if c in _SAFE else c ^ 0x80 for c in range(256))
+_CLF_ESCAPED: Final = tuple(bytes([c]) if c in _SAFE else b"\\x%02X" % c for c in range(256))
+_MONTHS: Final = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
            b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 # The protocol versions as logged, by (HTTP/2, HTTP/1.1) of the request.
-HTTP10 = b"HTTP/1.0"
-HTTP11 = b"HTTP/1.1"
-HTTP2 = b"HTTP/2.0"
+HTTP10: Final = b"HTTP/1.0"
+HTTP11: Final = b"HTTP/1.1"
+HTTP2: Final = b"HTTP/2.0"
 # The token cache (cluster and backend names) is cleared past this many entries, so a
 # discovery source that keeps inventing addresses cannot grow it without bound.
-_TOKENS_MAX = 4096
+_TOKENS_MAX: Final = 4096
 
 def _plain_template(trace_null: bool, ua_null: bool, referer_null: bool) -> bytes:
     """The JSON line for values that need no escaping.  A null field still takes its
@@ -59,16 +59,16 @@ def _plain_template(trace_null: bool, ua_null: bool, referer_null: bool) -> byte
 
 
 # Indexed by (trace_id is None) | (user_agent is None) << 1 | (referer is None) << 2.
-_JSON_PLAIN = tuple(_plain_template(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8))
+_JSON_PLAIN: Final = tuple(_plain_template(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8))
 
-_JSON_ANY = (
+_JSON_ANY: Final = (
     b'{"ts":"%b.%03dZ","listener":%b,"client":%b,"method":%b,"path":%b,"protocol":"%b",'
     b'"status":%d,"bytes_sent":%d,"duration_ms":%.3f,"cluster":%b,"upstream":%b,'
     b'"attempts":%d,"trace_id":%b,"user_agent":%b,"referer":%b}\n')
-_CLF = b'%b - - [%b] "%b %b %b" %d %d "%b" "%b"\n'
-_CLF_NO_REQUEST = b'%b - - [%b] "-" %d %d "%b" "%b"\n'
+_CLF: Final = b'%b - - [%b] "%b %b %b" %d %d "%b" "%b"\n'
+_CLF_NO_REQUEST: Final = b'%b - - [%b] "-" %d %d "%b" "%b"\n'
 
-_time = time.time
+_time: Final = time.time
 
 
 def json_text(value: str) -> bytes:

@@ -41,6 +41,7 @@ from hypothesis.errors import InvalidArgument
 from poise.config.load import parse_config
 from poise.core.policies import create_policy
 from poise.proxy.http import cluster as cluster_module
+from poise.proxy.http.exchange import Exchange
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.resilience import PENDING, REQUEST, RETRY
 from poise.proxy.http.site import ClusterRuntime, Site
@@ -201,9 +202,10 @@ class TrackingClient(ClientConnection):
         super().__init__(site)
         self.exchanges: list = []
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.exchanges.append(self._parsing)
+    def _new_exchange(self) -> Exchange:     # (whichever parser reads the head)
+        ex = super()._new_exchange()
+        self.exchanges.append(ex)
+        return ex
 
 
 class Client:

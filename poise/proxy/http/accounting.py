@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 
 # The ``code`` of an upstream try that ended without a response (reset, timeout,
 # connect failure, malformed response): "error" in the exposition.
-NO_RESPONSE = 0
+NO_RESPONSE: Final = 0
 # A request whose client went away before poise sent any response (nginx's 499).
-CLIENT_GONE = 499
-_REFERER = b"referer"
-_USER_AGENT = b"user-agent"
+CLIENT_GONE: Final = 499
+_REFERER: Final = b"referer"
+_USER_AGENT: Final = b"user-agent"
 # (A list, not the tuple: mypyc iterates a list natively.)
 _BOUNDS: Final[list[float]] = list(BOUNDS)
 

@@ -9,6 +9,8 @@ trailers.  The canonical request line must stand exactly there.
 
 from __future__ import annotations
 
+from typing import Final
+
 
 class MessageBounds:
     """Tracks message boundaries across reads for one client connection."""
@@ -87,9 +89,9 @@ class MessageBounds:
 
 
 # ChunkScanner states.
-_SIZE = 0
-_DATA = 1
-_TRAILER = 2
+_SIZE: Final = 0
+_DATA: Final = 1
+_TRAILER: Final = 2
 
 
 class ChunkScanner:

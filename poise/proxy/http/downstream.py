@@ -9,7 +9,6 @@ whose connection multiplexes many.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mypy_extensions import mypyc_attr
@@ -44,7 +43,9 @@ class Downstream:
         self.proxied: Any = None
         self.sni: str | None = None
         self.forwarded = b""
-        self.queue: deque[Exchange] = deque()
+        # (A list, not a deque: an empty deque costs 760 bytes per idle connection, an
+        # empty list 56; pipelined requests waiting here are few.)
+        self.queue: list[Exchange] = []
         self.draining = False
         self.closed = False
         self.write_paused = False

@@ -6,10 +6,12 @@ and answers 500.  Bodies are short plain text; responses are built once per stat
 
 from __future__ import annotations
 
+from typing import Final
+
 from poise.errors import PoiseError
 from poise.proxy.http.headers import status_line
 
-_CACHE: dict[tuple[int, bool], bytes] = {}
+_CACHE: Final[dict[tuple[int, bool], bytes]] = {}
 
 
 def status_of(error: BaseException) -> int:

@@ -11,7 +11,7 @@ side are collected in a list and written once per read (``flush_upstream`` /
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from poise.core import retry
 from poise.core.context import RequestContext
@@ -40,18 +40,18 @@ if TYPE_CHECKING:
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
-IDEMPOTENT = frozenset(method.encode() for method in retry.IDEMPOTENT)
+IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 # Request body buffered while no upstream connection is attached, before the client
 # connection stops reading.
-BUFFER_LIMIT = 64 * 1024
-BUFFERING = 4   # Downstream read-blocking reason
-_CLOSE = b"connection: close\r\n"
-_KEEP_ALIVE = b"connection: keep-alive\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+BUFFER_LIMIT: Final = 64 * 1024
+BUFFERING: Final = 4   # Downstream read-blocking reason
+_CLOSE: Final = b"connection: close\r\n"
+_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SWITCHING: Final = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 
 
 class Exchange(RequestHead):

@@ -11,7 +11,7 @@ does the framing and flow control; these classes call it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from poise.errors import PayloadTooLarge, PoiseError
 from poise.proxy.http.downstream import Downstream
@@ -22,7 +22,7 @@ from poise.proxy.http.resilience import accept_response
 
 # The RST_STREAM code of a response that cannot be completed (RFC 9113 §7; the
 # others poise sends are in poise.proxy.http2.codec).
-INTERNAL_ERROR = 2
+INTERNAL_ERROR: Final = 2
 
 
 class H2Stream(Downstream):

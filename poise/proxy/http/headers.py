@@ -8,18 +8,20 @@ bytes, untouched.
 
 from __future__ import annotations
 
+from typing import Final
+
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing header we always re-derive.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 # Names a client or backend may list in Connection without us removing them: framing
 # and routing would otherwise become ambiguous.
-PROTECTED = frozenset({b"content-length", b"transfer-encoding", b"host"})
+PROTECTED: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
-CRLF = b"\r\n"
-CHUNKED = b"transfer-encoding: chunked\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
+CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
@@ -51,7 +53,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-_REASONS = {
+_REASONS: Final = {
     100: b"Continue", 101: b"Switching Protocols", 103: b"Early Hints",
     200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
     206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found",
@@ -65,7 +67,7 @@ _REASONS = {
     501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
-STATUS_LINES: dict[int, bytes] = {}
+STATUS_LINES: Final[dict[int, bytes]] = {}
 
 
 def status_line(code: int) -> bytes:

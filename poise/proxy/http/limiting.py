@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from math import ceil
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from xxhash import xxh3_64_intdigest
 
@@ -28,12 +28,12 @@ from poise.errors import PoiseError, RateLimited
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
 
-_SHIFT = 64 - KEY_BITS
+_SHIFT: Final = 64 - KEY_BITS
 
 # What a rule's key is.
-CLIENT_IP = 0
-HEADER = 1
-CONSTANT = 2        # the route's or the cluster's name
+CLIENT_IP: Final = 0
+HEADER: Final = 1
+CONSTANT: Final = 2        # the route's or the cluster's name
 
 
 class Rule:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 from mypy_extensions import mypyc_attr
@@ -28,6 +27,7 @@ from poise.errors import (
     VersionNotSupported,
 )
 from poise.proxy.deadline import Deadline
+from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import answer_counted
 from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.downstream import Downstream
@@ -44,10 +44,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poise")
 # Seconds a closing connection keeps discarding what the client still sends.
-LINGER = 2.0
+LINGER: Final = 2.0
 # Reasons to stop reading from the client (bit flags).
-PIPELINED = 2       # a complete request waits behind the one being served
-CLIENT_FULL = 8     # unused by the client itself; kept distinct from upstream flags
+PIPELINED: Final = 2       # a complete request waits behind the one being served
+CLIENT_FULL: Final = 8     # unused by the client itself; kept distinct from upstream flags
+# Who parses the next bytes (ClientConnection._mode).
+FAST: Final = 0        # the one-call head parser (fasthead): the stream is at a message
+                # boundary, or in a Content-Length body the fast path framed
+SLOW: Final = 1        # httptools: it began a message it has not finished (or there is no
+                # fast parser, or the connection was upgraded)
+CLOSING: Final = 2     # the last message was not keep-alive: nothing may follow it
+# (Final: a C static when compiled, not a module dict lookup per use.)
+parse_request: Final[Any] = fasthead.parse_request
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)   # (tests subclass it to observe it)
@@ -57,8 +65,8 @@ class ClientConnection(Downstream):
     (Downstream's ``proxied`` is set by the acceptor before connection_made, from the
     PROXY header the connection began with; ``sni`` from the TLS handshake.)"""
 
-    __slots__ = ("parser", "deadline", "current", "_parsing",
-                 "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds",
+    __slots__ = ("parser", "deadline", "current", "_parsing", "_mode", "_body_left",
+                 "_blocked", "_failed", "_in_head", "_url", "_header_count", "_bounds", "_http11",
                  "_upgrade_body", "early", "_idle", "_guard", "_held")
 
     def __init__(self, site: Site) -> None:
@@ -67,8 +75,12 @@ class ClientConnection(Downstream):
         # buckets it holds there until it closes.
         self._guard: Any = None
         self._held: tuple[int, int] | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.deadline = Deadline(site.loop, self._timed_out)
+        # httptools, created when first needed (see _read_slow): most connections
+        # never need it, and an idle one should not hold it.
+        self.parser: Any = None
+        self._mode = FAST if parse_request is not None else SLOW
+        self._body_left = 0     # Content-Length body bytes the fast path still expects
+        self.deadline = Deadline(site.timeouts, self._timed_out)
         self.current: Exchange | None = None
         self._parsing: Exchange | None = None   # the request whose head/body is being read
         self._blocked = 0
@@ -77,7 +89,9 @@ class ClientConnection(Downstream):
         self._in_head = False
         self._url = b""
         self._header_count = 0
-        self._bounds = MessageBounds()
+        # Where messages start in what httptools parses (made with the parser).
+        self._bounds: MessageBounds | None = None
+        self._http11 = True     # the version of the last request head
         self._upgrade_body: bytes | None = None
         # After a WebSocket handshake request: what the client sent after it, kept
         # until the backend answers (sent on after a 101), with reading blocked.
@@ -88,21 +102,22 @@ class ClientConnection(Downstream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        # (Not get_extra_info("socket"): uvloop would make and keep a socket object
+        # per connection, 72 bytes, for nothing — it sets TCP_NODELAY itself.)
         peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
         proxied = self.proxied
         if proxied is not None:
             self.peer_ip = proxied[0][0].encode()
         elif isinstance(peer, tuple):
             self.peer_ip = peer[0].encode()
-        elif sock is not None and sock.family != socket.AF_UNIX:
+        elif peer is None:
             # Reset before we could ask its address: nobody to answer, and a request
             # it sent must not be served as an anonymous client's (rate limits).
             self.closed = True
             transport.close()
             return
         else:
-            self.peer_ip = b"unix"
+            self.peer_ip = b"unix"      # (a Unix socket's peer name is a str)
         guard = self.site.guard
         if guard is not None:
             self._held = guard.admit(self.peer_ip)
@@ -120,8 +135,6 @@ class ClientConnection(Downstream):
         # X-Forwarded-For/-Proto for requests that bring none of their own.
         self.forwarded = (b"x-forwarded-for: " + self.peer_ip + b"\r\n" + self.site.xfp
                           if self.site.forwarded_headers else b"")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.site.connections.add(self)
         self.site.accepted += 1
         self.deadline.set(self.site.header_timeout)
@@ -158,7 +171,48 @@ class ClientConnection(Downstream):
                 self.early.append(data)     # (a read already under way as it paused)
             return
         self.site.bytes_in += len(data)
+        if self._mode == SLOW:
+            self._read_slow(data)
+        else:
+            self._read_fast(data)
+        cur = self.current
+        if cur is not None and cur._up_out:
+            cur.flush_upstream()
+
+    def _read_fast(self, data: bytes) -> None:
+        """Parse ``data`` a whole head per call (fasthead); from the first head the
+        fast path declines, httptools parses the rest."""
+        pos = 0
+        n = len(data)
+        try:
+            while pos < n:
+                if self._body_left:
+                    pos = self._fast_body(data, pos)
+                    continue
+                if self._mode != FAST or self._failed is not None or self.closed:
+                    break
+                head = parse_request(data, pos)
+                if head is None:
+                    self._mode = SLOW
+                    self._read_slow(data[pos:] if pos else data)
+                    return
+                pos = self._fast_head(head)
+            if pos < n and self._mode == CLOSING and self._failed is None:
+                raise BadRequest("Data after `Connection: close`")    # (as llhttp)
+        except PoiseError as e:
+            self._parse_failed(e)
+        except Exception as e:
+            log.error("bug while parsing a request", exc_info=e)
+            self._parse_failed(InternalError(f"{type(e).__name__}: {e}"))
+
+    def _read_slow(self, data: bytes) -> None:
+        """Parse ``data`` with httptools (callbacks below)."""
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         bounds = self._bounds
+        if bounds is None:
+            bounds = self._bounds = MessageBounds()
         if bounds.head_buf is None:     # (MessageBounds.read, inlined)
             bounds.buf = data
             bounds.pos = bounds.body_start = bounds.body_len = 0
@@ -166,7 +220,7 @@ class ClientConnection(Downstream):
             bounds.read(data)
         upgraded_at = -1
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             upgraded_at = e.args[0]
         except httptools.HttpParserError as e:
@@ -179,9 +233,6 @@ class ClientConnection(Downstream):
         if upgraded_at >= 0:
             # Outside the except block: errors in the rest must not chain onto it.
             after_upgrade(self, data, upgraded_at)
-        cur = self.current
-        if cur is not None and cur._up_out:
-            cur.flush_upstream()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -195,16 +246,93 @@ class ClientConnection(Downstream):
         if cur is not None and cur.conn is not None:
             cur.conn.resume_reading()
 
-    # -- parser callbacks --------------------------------------------------------------
+    # -- the fast path: one call per head ------------------------------------------------
+
+    def _fast_head(self, head: tuple[bytes, bytes, bool, bool, list[bytes], int, int, int],
+                   ) -> int:
+        """One request head from fasthead.parse_request: what on_message_begin,
+        on_url, on_header and on_headers_complete do for httptools, in one go.
+        Returns where its body (or the next message) starts."""
+        method, target, http11, keep_alive, headers, body_start, length, header_block = head
+        site = self.site
+        ex = self._new_exchange()
+        if self.deadline.when is not None:      # (a head deadline: the head is here)
+            self.deadline.clear()
+        self._url = target
+        if len(target) > site.max_request_line:
+            raise UriTooLong(f"request target longer than {site.max_request_line} bytes")
+        for i in range(0, len(headers), 2):
+            name = headers[i]
+            if (name[0] | 0x20) in WATCH_FIRST:     # headers that need a look
+                ex.add_watched(name, headers[i + 1])
+            else:
+                ex.fields += (name, b": ", headers[i + 1], CRLF)
+        if header_block > site.max_header_size:
+            raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
+        if len(headers) > 2 * site.max_headers:
+            raise HeadersTooLarge(f"more than {site.max_headers} headers")
+        if target[:1] != b"/":
+            target = origin_form(target, ex, method)
+        self._http11 = http11
+        ex.head_complete(method, target, http11, keep_alive)
+        if not keep_alive:
+            self._mode = CLOSING
+        if self.current is None:
+            self.current = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.block_reading(PIPELINED)
+        if length > 0:
+            self._body_left = length
+        else:
+            self._fast_message_done(ex)
+        return body_start
+
+    def _fast_body(self, data: bytes, pos: int) -> int:
+        """Content-Length body bytes from ``data[pos:]``; returns where they end."""
+        left = self._body_left
+        end = pos + left
+        n = len(data)
+        if end >= n:
+            end = n
+            body = data[pos:] if pos else data
+        else:
+            body = data[pos:end]
+        left -= end - pos
+        self._body_left = left
+        ex = self._parsing
+        if ex is not None:
+            ex.request_body(body)
+            if not left:
+                self._fast_message_done(ex)
+        return end
+
+    def _fast_message_done(self, ex: Exchange) -> None:
+        """``ex``'s request has been read whole (unless it was already given up)."""
+        # (A method of its own: within _fast_head mypyc would take ``_parsing`` to be
+        # the Exchange assigned there, although calls since may have cleared it.)
+        if self._parsing is ex:
+            self._parsing = None
+            ex.request_done()
+
+    # -- parser callbacks (httptools) ----------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._mode = SLOW
         self._in_head = True
         self._url = b""
-        self._parsing = Exchange(self, self.site.max_request_body)
         self._header_count = 0
+        self._new_exchange()
+
+    def _new_exchange(self) -> Exchange:
+        """A request begins (either parser): the exchange its head is read into."""
+        ex = Exchange(self, self.site.max_request_body)
+        self._parsing = ex
         if self._idle:              # the idle deadline ends; a head deadline may start
             self._idle = False
             self.deadline.clear()
+        return ex
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -231,12 +359,14 @@ class ClientConnection(Downstream):
         ex = self._parsing
         assert ex is not None
         bounds = self._bounds
+        assert bounds is not None
         header_block = bounds.check_head(method, self._url, ex.te)
         if header_block < 0:
             version = parser.get_http_version()
             if version != "1.1" and version != "1.0":
                 raise VersionNotSupported(f"HTTP/{version}")
             raise BadRequest("malformed request line")
+        http11 = self._http11 = bounds.http11
         site = self.site
         if header_block > site.max_header_size:
             raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
@@ -247,9 +377,9 @@ class ClientConnection(Downstream):
         target = self._url
         if target[:1] != b"/":
             target = origin_form(target, ex, method)
-        ex.head_complete(method, target, bounds.http11, parser.should_keep_alive())
+        ex.head_complete(method, target, http11, parser.should_keep_alive())
         if ex.upgrade is not None and parser.should_upgrade():
-            if wants_websocket(ex, method, bounds.http11):
+            if wants_websocket(ex, method, http11):
                 # Forwarded if its route allows; nothing after it is parsed (a 101
                 # makes the connection a relay, any other answer closes it).
                 ex.websocket = WEBSOCKET
@@ -266,7 +396,9 @@ class ClientConnection(Downstream):
             self.block_reading(PIPELINED)
 
     def on_body(self, body: bytes) -> None:
-        self._bounds.body_len += len(body)
+        bounds = self._bounds
+        assert bounds is not None       # (made by _read_slow before parsing)
+        bounds.body_len += len(body)
         ex = self._parsing
         if ex is not None:
             ex.request_body(body)
@@ -275,10 +407,13 @@ class ClientConnection(Downstream):
         if self._upgrade_body is not None:
             return      # httptools ends an Upgrade request at its head: the body follows
         bounds = self._bounds
+        assert bounds is not None
         if bounds.scanner is None:      # (MessageBounds.message_done, inlined)
             bounds.pos = bounds.body_start + bounds.body_len
         else:
             bounds.message_done()
+        if parse_request is not None and self.parser.should_keep_alive():
+            self._mode = FAST       # (else llhttp refuses what follows, as it should)
         ex = self._parsing
         if ex is not None:
             self._parsing = None
@@ -289,7 +424,9 @@ class ClientConnection(Downstream):
     def _head_continues(self) -> None:
         """The head spans reads: bound its size, start its deadline."""
         site = self.site
-        if self._bounds.head_size > site.max_request_line + site.max_header_size:
+        bounds = self._bounds
+        assert bounds is not None
+        if bounds.head_size > site.max_request_line + site.max_header_size:
             self._parse_failed(HeadersTooLarge("request head too large"))
             return
         if self.deadline.when is None:
@@ -326,7 +463,7 @@ class ClientConnection(Downstream):
                 self._linger()      # the rest of its body may still be arriving
             return
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             if not self.queue:
                 self.unblock_reading(PIPELINED)
             self.current = nxt
@@ -385,7 +522,7 @@ class ClientConnection(Downstream):
             answer_counted(self.site, status, len(data), 0.0, self.peer_ip, b"", b"", True)
         else:
             answer_counted(self.site, status, len(data), ex.began, self.peer_ip,
-                           getattr(ex, "method", b""), self._url, self._bounds.http11)
+                           getattr(ex, "method", b""), self._url, self._http11)
         self._linger()
 
     def _linger(self) -> None:

@@ -9,15 +9,17 @@ on HTTP/1.0, the body size limit, and hop-by-hop removal.
 
 from __future__ import annotations
 
+from typing import Final
+
 from poise.errors import BadRequest, PayloadTooLarge
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, drop_listed
 
-_SPECIAL = frozenset({
+_SPECIAL: Final = frozenset({
     b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 }) | HOP_BY_HOP
 # Lower-cased first letters of the names above: other headers skip lower-casing.
-WATCH_FIRST = frozenset(name[0] for name in _SPECIAL)
+WATCH_FIRST: Final = frozenset(name[0] for name in _SPECIAL)
 
 
 class RequestHead:

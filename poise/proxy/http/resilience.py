@@ -9,7 +9,7 @@ beyond a few attribute checks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from poise.core.limits import Overflow
 from poise.core.outlier import Outcome
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
 
 # Slots an exchange holds in its cluster's limits (bits of ``_held``).
-REQUEST = 1
-RETRY = 2
-PENDING = 4
+REQUEST: Final = 1
+RETRY: Final = 2
+PENDING: Final = 4
 
 
 # -- admission ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 from poise.config.model import Listener
 from poise.observability.access_format import AccessLogger
+from poise.proxy.deadline import Timeouts
 from poise.proxy.http.accounting import Counts
 from poise.proxy.http.cluster import ClusterRuntime
 from poise.proxy.http.router import Router, RouteTarget, sni_subset
@@ -34,6 +35,8 @@ class Site:
                  access_log: AccessLogger | None = None, tracer: Any = None,
                  limiters: Any = None) -> None:
         self.loop = loop
+        # The head, idle and linger deadlines of its connections (poise.proxy.deadline).
+        self.timeouts = Timeouts(loop)
         self.connections: set = set()
         # Counters since the listener was bound (poise.proxy.http.accounting): per
         # cluster name the responses sent, and connections accepted, bytes in and out.

@@ -19,7 +19,7 @@ every later callback to the client connection unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from poise.proxy.http.router import RouteTarget
 
 # Exchange.websocket of a handshake request not routed yet.
-WEBSOCKET = True
+WEBSOCKET: Final = True
 # ClientConnection read-blocking reason: a WebSocket handshake waits for its answer.
-AWAITING_SWITCH = 16
+AWAITING_SWITCH: Final = 16
 
 
 def wants_websocket(ex: Exchange, method: bytes, http11: bool) -> bool:

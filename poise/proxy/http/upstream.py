@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -36,8 +35,9 @@ from poise.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from poise.proxy.deadline import Deadline
+from poise.proxy.deadline import Deadline, Timeouts
 from poise.proxy.dial import connect_error, dial
+from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import Tries
 from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
 from poise.proxy.http.tunnel import open_tunnel
@@ -64,7 +64,7 @@ class UpstreamPool:
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors", "tries", "owned", "h2")
+                 "failing", "requests", "errors", "tries", "owned", "h2", "timeouts")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -82,6 +82,8 @@ class UpstreamPool:
         self.response_timeout = response_timeout
         self.max_connections = max_connections
         self.loop = loop
+        # The response deadlines of this pool's connections (poise.proxy.deadline).
+        self.timeouts = Timeouts(loop)
         self.active = 0
         # The backend's last outcome reported to outlier detection was a failure.
         self.failing = False
@@ -240,7 +242,8 @@ class UpstreamPool:
 class UpstreamConnection:
     """One keep-alive connection to a backend, parsing responses with httptools."""
 
-    __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused",
+    __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused", "_slow",
+                 "_body_left",
                  "reading_paused", "idle_since", "deadline", "owner", "_fields", "_has_length",
                  "_te", "_connection", "_done", "_head_only", "_keep_alive", "_status")
 
@@ -251,12 +254,18 @@ class UpstreamConnection:
         # The client connection this one is private to (it began with a PROXY header
         # naming that client), or None: shared.
         self.owner: Any = None
-        self.parser = httptools.HttpResponseParser(self)
+        # httptools, created when a response first needs it (see _read_slow).
+        self.parser: Any = None
+        # Whether httptools owns the response being read (else the one-call head
+        # parser, fasthead, reads the next head), and the Content-Length body bytes
+        # the fast path still expects.
+        self._slow = parse_response is None
+        self._body_left = 0
         self.usable = False
         self.reused = False
         self.reading_paused = False
         self.idle_since = 0.0
-        self.deadline = Deadline(pool.loop, self._timed_out)
+        self.deadline = Deadline(pool.timeouts, self._timed_out)
         self._fields: list[bytes] = []    # name, ": ", value, CRLF — hop-by-hop dropped
         self._has_length = False
         self._te: bytes | None = None
@@ -269,12 +278,10 @@ class UpstreamConnection:
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (With TLS: after the handshake, and ``transport`` is the TLS one, whose
-        # "socket" is still the TCP socket underneath.)
+        # (With TLS: after the handshake, and ``transport`` is the TLS one.  uvloop
+        # sets TCP_NODELAY on the TCP socket itself: asking for the "socket" here
+        # would make it keep a socket object per connection.)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.usable = True
         self.pool.stats.active_connections += 1
 
@@ -315,8 +322,86 @@ class UpstreamConnection:
             self.close()
             return
         ex.response_started = True
+        if self._slow:
+            self._read_slow(ex, data)
+            return
+        if self._body_left:
+            self._fast_body(ex, data, 0)
+        else:
+            head = parse_response(data, 0)
+            if head is None or not self._fast_head(ex, head, data):
+                self._slow = True
+                self._read_slow(ex, data)
+                return
+        if self.exchange is not ex:     # the exchange dropped this response to retry
+            self.close()
+        elif self._done:
+            self._response_done(ex)     # flushes too
+        elif ex._out:
+            ex.flush_client()
+
+    def _fast_head(self, ex: Exchange, head: tuple[int, bool, bool, list[bytes], int, int],
+                   data: bytes) -> bool:
+        """A response head from fasthead.parse_response: what on_header and
+        on_headers_complete do for httptools, in one go; then the body bytes in
+        ``data``.  False (nothing done) for a body delimited by the connection's close,
+        which httptools reads."""
+        status, http11, keep_alive, headers, body_start, length = head
+        if ex.head_only or status == 204 or status == 304:
+            length = 0
+        elif length < 0:
+            return False
+        fields: list[bytes] = []
+        has_length = False
+        for i in range(0, len(headers), 2):
+            name = headers[i]
+            if (name[0] | 0x20) in _WATCH_FIRST:
+                low = name.lower()
+                if low in HOP_BY_HOP:
+                    continue    # (fasthead takes no Connection list, Transfer-Encoding)
+                if low == b"content-length":
+                    has_length = True
+            fields += (name, b": ", headers[i + 1], CRLF)
+        self._status = status
+        self.deadline.clear()
+        self._keep_alive = keep_alive
+        ex.on_response_head(status, fields, has_length, False)
+        if self.exchange is not ex:
+            return True
+        if length:
+            self._body_left = length
+            if body_start < len(data):
+                self._fast_body(ex, data, body_start)
+        else:
+            self._done = True
+            if body_start < len(data):
+                self.usable = False     # bytes after the response: out of sync
+        return True
+
+    def _fast_body(self, ex: Exchange, data: bytes, pos: int) -> None:
+        """Content-Length body bytes from ``data[pos:]``."""
+        left = self._body_left
+        end = pos + left
+        n = len(data)
+        if end >= n:
+            end = n
+            body = data[pos:] if pos else data
+        else:
+            body = data[pos:end]
+            self.usable = False         # bytes after the response: out of sync
+        left -= end - pos
+        self._body_left = left
+        ex._out.append(chunk(body) if ex._chunk_out else body)
+        if not left:
+            self._done = True
+
+    def _read_slow(self, ex: Exchange, data: bytes) -> None:
+        """Parse ``data`` with httptools (callbacks below)."""
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpResponseParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             # A 101: to a WebSocket handshake, the relay starts (what follows the head
             # is the backend's first frames); else on_informational refused it.
@@ -402,7 +487,7 @@ class UpstreamConnection:
             self._te = None
             ex.on_informational(status, fields)
             return
-        self.deadline.when = None
+        self.deadline.clear()
         self._keep_alive = self.parser.should_keep_alive()
         te, self._te = self._te, None
         has_length, self._has_length = self._has_length, False
@@ -427,8 +512,10 @@ class UpstreamConnection:
 
     def _response_done(self, ex: Exchange) -> None:
         if self._head_only:
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = None      # (it expects a body that never comes: a new one)
             self._head_only = False
+        # The next response starts at a message boundary, which the fast path takes.
+        self._slow = parse_response is None
         self.exchange = None
         self._done = False
         if not self._keep_alive:
@@ -464,8 +551,10 @@ class UpstreamConnection:
 log = logging.getLogger("poise")
 
 # Reasons a client connection stops reading (bit flags, see ClientConnection).
-UPSTREAM_FULL = 1
+UPSTREAM_FULL: Final = 1
 # First letters (lower-cased) of the hop-by-hop names and of Content-Length.
-_WATCH_FIRST = frozenset(b"ckptu")
+_WATCH_FIRST: Final = frozenset(b"ckptu")
 # Connection values that nominate no other header (the common case, skipped cheaply).
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+# The one-call head parser, or None (Final: a C static when compiled).
+parse_response: Final[Any] = fasthead.parse_response
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})

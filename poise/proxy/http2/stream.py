@@ -154,7 +154,7 @@ class StreamWriter:
         if 100 <= status < 200:
             ex.on_informational(status, fields)
         else:
-            conn.deadline.when = None
+            conn.deadline.clear()
             has_length = any(fields[i].lower() == b"content-length"
                              for i in range(0, len(fields), 4))
             ex.on_response_head(status, fields, has_length, True)

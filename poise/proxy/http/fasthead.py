@@ -1,0 +1,26 @@
+"""The one-call HTTP/1.x head parser (``_h1head``, built from h1head.c), or None.
+
+None where it was not built (no C compiler, or ``POISE_PURE=1`` at install) and under
+``POISE_INTERPRETED=1``, which runs the reference path: httptools for every message.
+Either way poise behaves the same; the fast path only saves CPU (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+
+def _load() -> Any:
+    if os.environ.get("POISE_INTERPRETED") == "1":
+        return None
+    try:
+        return importlib.import_module("poise.proxy.http._h1head")
+    except ImportError:     # not built: httptools parses everything
+        return None
+
+
+_module = _load()
+parse_request: Any = None if _module is None else _module.parse_request
+parse_response: Any = None if _module is None else _module.parse_response
