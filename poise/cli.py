@@ -39,6 +39,7 @@ def run(config: str) -> None:
 def check(config: str) -> None:
     """Validate CONFIG; exit 0 when valid, 2 (listing every error) when not."""
     from poise.config import load_config
+    from poise.control.limits import check_warning
 
     try:
         cfg = load_config(config)
@@ -47,6 +48,8 @@ def check(config: str) -> None:
         sys.exit(2)
     click.echo(f"{config}: ok ({len(cfg.listeners)} listener(s), {len(cfg.clusters)} cluster(s), "
                f"{sum(len(c.backends) for c in cfg.clusters)} backend(s))")
+    if (warning := check_warning(cfg)) is not None:
+        click.echo(f"{config}: warning: open files: {warning}", err=True)
 
 
 @cli.command()

@@ -41,6 +41,7 @@ from poise.config.resilience import (  # noqa: F401  (re-exported)
     StatusRanges,
 )
 from poise.config.tls import ClusterTls, ListenerTls
+from poise.config.workers import MAX_WORKERS, auto_workers, connection_cap, nofile_hard
 
 
 def _check_policy(value: object) -> str | dict[str, Any]:
@@ -322,7 +323,7 @@ class Cluster(Strict):
 
 
 def _workers(value: object) -> object:
-    # "auto": one worker per CPU this process may run on.
+    # "auto": one worker per CPU this process may run on (Config may then add more).
     if value == "auto":
         return max(1, len(os.sched_getaffinity(0)))
     if isinstance(value, str) and not value.strip().isdigit():
@@ -359,9 +360,10 @@ class Admin(Strict):
 class Config(Strict):
     """The whole file."""
 
-    # Worker processes; "auto" = one per CPU.  With more than one, the process started
-    # becomes the supervisor and control plane and serves no traffic itself.
-    workers: Annotated[int, BeforeValidator(_workers)] = Field(1, ge=1, le=256)
+    # Worker processes; "auto" = one per CPU, or more if the listeners' max_connections
+    # need them (auto_workers).  With more than one, the process started becomes the
+    # supervisor and control plane and serves no traffic itself.
+    workers: Annotated[int, BeforeValidator(_workers)] = Field(1, ge=1, le=MAX_WORKERS)
     # Graceful shutdown waits this long for requests in flight before closing.
     drain_timeout: Duration = 30.0
     listeners: list[Listener] = Field(min_length=1)
@@ -376,3 +378,15 @@ class Config(Strict):
     # Keys the shared rate-limit table holds (a power of two; 16 bytes each), read at
     # start: when full, the key nearest to expiry is forgotten.
     rate_limit_table_slots: TableSlots = DEFAULT_TABLE_SLOTS
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _auto_workers(cls, data: Any, handler: Any) -> Config:
+        config = handler(data)
+        if isinstance(data, dict) and data.get("workers") == "auto":
+            # (Here, not in _workers: the count depends on the validated listeners.)
+            workers = auto_workers(config.workers, connection_cap(config.listeners),
+                                   nofile_hard())
+            if workers != config.workers:
+                object.__setattr__(config, "workers", workers)
+        return config

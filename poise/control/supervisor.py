@@ -27,6 +27,7 @@ from poise.config.model import Config
 from poise.config.units import parse_address
 from poise.control.agent import WorkerAgent
 from poise.control.binding import bind_error
+from poise.control.limits import apply as apply_file_limits
 from poise.control.local import LocalFleet
 from poise.control.memory import tune_malloc
 from poise.control.plane import ControlPlane
@@ -49,6 +50,7 @@ def run(config: Config, path: str | None = None,
             print(f"poise: cannot bind {bind}: {reason}", file=sys.stderr)
         return 1
     tune_malloc()
+    apply_file_limits(config)
     if config.workers == 1:
         return uvloop.run(serve_here(config, path, on_ready))
     return uvloop.run(_supervise(config, path))
