@@ -155,6 +155,7 @@ OBSERVABILITY = (
     ("metrics on ÷ off", "poise", "poise-nometrics", 1.05),
     ("JSON access log to a file ÷ none", "poise+log", "poise", 1.25),
     ("tracing every request (sample_ratio 1.0) ÷ off", "poise+trace", "poise", None),
+    ("this build ÷ the baseline build (--baseline-cmd)", "poise", "poise-base", None),
 )
 # (label, proxy, reference, budget µs): what a rate limit adds per request, as the
 # difference of CPU µs per request round by round (issue 12's budgets).

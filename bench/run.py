@@ -59,6 +59,9 @@ LIMITED = {
 }
 PROXIES = ("poise", *OBSERVED, *LIMITED, "poise+checks", "poise-2w", "haproxy", "nginx",
            *FLOORS)
+# poise-base: another poise install (--baseline-cmd, e.g. a worktree of the previous
+# commit) in the same alternating rounds, for before/after comparisons of one change.
+BASELINE = "poise-base"
 STREAM_CONNECTIONS = 4
 # poise-2w's admin API listens this far above its proxy port.
 ADMIN_OFFSET = 500
@@ -77,7 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per proxy (default 2)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--only", default=",".join(PROXIES),
-                   help=f"comma-separated subset of: {','.join(PROXIES)}")
+                   help=f"comma-separated subset of: {','.join((*PROXIES, BASELINE))}")
+    p.add_argument("--baseline-cmd", default=None,
+                   help=f"command that runs a baseline poise ({BASELINE}, added to the "
+                        "proxies measured); the config path is appended")
     p.add_argument("--quick", action="store_true", help="1 round of 3 s, 1 s warm-up")
     p.add_argument("--poise-cmd", default=f"{REPO}/.venv/bin/poise run",
                    help="command that runs poise; the config path is appended")
@@ -92,7 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 3, 1
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(args.only) - set(PROXIES)
+    if args.baseline_cmd and BASELINE not in args.only:
+        args.only.insert(1, BASELINE)
+    if BASELINE in args.only and not args.baseline_cmd:
+        p.error(f"{BASELINE} needs --baseline-cmd")
+    unknown = set(args.only) - {*PROXIES, BASELINE}
     if unknown or not args.only:
         p.error(f"--only takes a subset of {','.join(PROXIES)}; got {sorted(unknown) or 'nothing'}")
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0:
@@ -141,6 +151,8 @@ def start_redis(stack: ExitStack, root: Path, port: int, timeout: float) -> proc
 
 def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> list[str]:
     """Write the proxy's config and return its command line."""
+    if name == BASELINE:
+        return configs.poise(root, port, backends, args.baseline_cmd, tag="-base")
     if name == "poise-2w":
         return configs.poise(root, port, backends, args.poise_cmd, workers=2,
                              admin_port=port + ADMIN_OFFSET)
@@ -327,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"duration": args.duration, "rounds": args.rounds, "warmup": args.warmup,
                      "connections": args.connections, "stream_connections": STREAM_CONNECTIONS,
                      "stream": not args.no_stream, "only": args.only,
-                     "poise_cmd": args.poise_cmd, "big_size": configs.BIG_SIZE},
+                     "poise_cmd": args.poise_cmd, "baseline_cmd": args.baseline_cmd,
+                     "big_size": configs.BIG_SIZE},
         "machine": report.machine_info(),
         "failures": {}, "samples": [],
     }
