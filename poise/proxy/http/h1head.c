@@ -161,6 +161,20 @@ static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
     }
 }
 
+/* The header lines from p as a new list.  NULL with *declined set when the fast path
+ * declines them, NULL alone on a Python error. */
+static PyObject *read_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
+                             HeadFacts *facts, Py_ssize_t *end, int *declined)
+{
+    PyObject *headers = PyList_New(0);
+    if (headers == NULL) return NULL;
+    int status = parse_fields(b, p, n, headers, facts, end);
+    if (status == OK) return headers;
+    Py_DECREF(headers);
+    *declined = status == DECLINE;
+    return NULL;
+}
+
 /* "HTTP/1.0" or "HTTP/1.1" at b[p:]: 1 for 1.1, 0 for 1.0, -1 otherwise. */
 static int http_version(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
 {
@@ -237,15 +251,13 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     p += 2;
     Py_ssize_t fields_start = p;
 
-    PyObject *headers = PyList_New(0);
-    if (headers == NULL) return NULL;
     HeadFacts facts = {-1, 0, 0, 0};
     Py_ssize_t end;
-    int status = parse_fields(b, p, n, headers, &facts, &end);
-    if (status != OK) {
-        Py_DECREF(headers);
-        if (status == ERROR) return NULL;
-        Py_RETURN_NONE;
+    int declined = 0;
+    PyObject *headers = read_fields(b, p, n, &facts, &end, &declined);
+    if (headers == NULL) {
+        if (declined) Py_RETURN_NONE;
+        return NULL;
     }
     PyObject *target = PyBytes_FromStringAndSize((const char *)b + target_start, target_len);
     if (target == NULL) {
@@ -283,15 +295,13 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
     if (p + 1 >= n || b[p] != '\r' || b[p + 1] != '\n') Py_RETURN_NONE;
     p += 2;
 
-    PyObject *headers = PyList_New(0);
-    if (headers == NULL) return NULL;
     HeadFacts facts = {-1, 0, 0, 0};
     Py_ssize_t end;
-    int status = parse_fields(b, p, n, headers, &facts, &end);
-    if (status != OK) {
-        Py_DECREF(headers);
-        if (status == ERROR) return NULL;
-        Py_RETURN_NONE;
+    int declined = 0;
+    PyObject *headers = read_fields(b, p, n, &facts, &end, &declined);
+    if (headers == NULL) {
+        if (declined) Py_RETURN_NONE;
+        return NULL;
     }
     int keep_alive = http11 ? !facts.close : facts.keep_alive;
     PyObject *items[6] = {PyLong_FromLong(code), PyBool_FromLong(http11),

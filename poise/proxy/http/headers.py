@@ -77,3 +77,13 @@ def status_line(code: int) -> bytes:
         line = b"HTTP/1.1 %d %b\r\n" % (code, _REASONS.get(code, b"Status"))
         STATUS_LINES[code] = line
     return line
+
+
+def body_slice(data: bytes, pos: int, left: int) -> tuple[bytes, int]:
+    """The next body bytes in ``data[pos:]``, at most ``left`` of them, and the offset
+    where they end (for Content-Length bodies framed by the fast path)."""
+    end = pos + left
+    n = len(data)
+    if end >= n:
+        return (data[pos:] if pos else data), n
+    return data[pos:end], end

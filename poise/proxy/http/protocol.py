@@ -33,7 +33,7 @@ from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.downstream import Downstream
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
-from poise.proxy.http.headers import CRLF
+from poise.proxy.http.headers import CRLF, body_slice
 from poise.proxy.http.request import WATCH_FIRST, origin_form
 from poise.proxy.http.upgrade import WEBSOCKET, after_upgrade, framing_of, wants_websocket
 from poise.proxy.http.upstream import UPSTREAM_FULL
@@ -291,16 +291,8 @@ class ClientConnection(Downstream):
 
     def _fast_body(self, data: bytes, pos: int) -> int:
         """Content-Length body bytes from ``data[pos:]``; returns where they end."""
-        left = self._body_left
-        end = pos + left
-        n = len(data)
-        if end >= n:
-            end = n
-            body = data[pos:] if pos else data
-        else:
-            body = data[pos:end]
-        left -= end - pos
-        self._body_left = left
+        body, end = body_slice(data, pos, self._body_left)
+        left = self._body_left = self._body_left - (end - pos)
         ex = self._parsing
         if ex is not None:
             ex.request_body(body)

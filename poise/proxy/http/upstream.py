@@ -39,7 +39,7 @@ from poise.proxy.deadline import Deadline, Timeouts
 from poise.proxy.dial import connect_error, dial
 from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import Tries
-from poise.proxy.http.headers import CRLF, HOP_BY_HOP, chunk, drop_listed
+from poise.proxy.http.headers import CRLF, HOP_BY_HOP, body_slice, chunk, drop_listed
 from poise.proxy.http.tunnel import open_tunnel
 from poise.proxy.proxy_protocol import header_for
 
@@ -380,17 +380,10 @@ class UpstreamConnection:
 
     def _fast_body(self, ex: Exchange, data: bytes, pos: int) -> None:
         """Content-Length body bytes from ``data[pos:]``."""
-        left = self._body_left
-        end = pos + left
-        n = len(data)
-        if end >= n:
-            end = n
-            body = data[pos:] if pos else data
-        else:
-            body = data[pos:end]
+        body, end = body_slice(data, pos, self._body_left)
+        if end < len(data):
             self.usable = False         # bytes after the response: out of sync
-        left -= end - pos
-        self._body_left = left
+        left = self._body_left = self._body_left - (end - pos)
         ex._out.append(chunk(body) if ex._chunk_out else body)
         if not left:
             self._done = True
