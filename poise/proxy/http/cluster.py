@@ -31,7 +31,7 @@ from poise.core.outlier import Outcome, OutlierDetector
 from poise.core.policies import Picker, build_picker, create_policy
 from poise.core.retry import RetryBudget
 from poise.errors import NoBackendAvailable
-from poise.proxy.http.upstream import UpstreamPool
+from poise.proxy.http.pool import UpstreamPool
 
 if TYPE_CHECKING:
     from poise.config.model import OutlierDetection, Retries

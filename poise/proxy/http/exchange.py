@@ -36,9 +36,10 @@ from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
     from poise.proxy.http.downstream import Downstream
+    from poise.proxy.http.pool import UpstreamPool
     from poise.proxy.http.router import RouteTarget
     from poise.proxy.http.site import ClusterRuntime
-    from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
+    from poise.proxy.http.upstream import UpstreamConnection
 
 IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond

@@ -13,13 +13,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-import httptools
 from mypy_extensions import mypyc_attr
 
 from poise.errors import (
     BadRequest,
     HeadersTooLarge,
-    InternalError,
     PayloadTooLarge,
     PoiseError,
     RequestTimeout,
@@ -27,15 +25,15 @@ from poise.errors import (
     VersionNotSupported,
 )
 from poise.proxy.deadline import Deadline
-from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import answer_counted
 from poise.proxy.http.bounds import MessageBounds
 from poise.proxy.http.downstream import Downstream
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.exchange import Exchange
-from poise.proxy.http.headers import CRLF, body_slice
+from poise.proxy.http.headers import CRLF
+from poise.proxy.http.reading import FAST, SLOW, parse_request, read_fast, read_slow
 from poise.proxy.http.request import WATCH_FIRST, origin_form
-from poise.proxy.http.upgrade import WEBSOCKET, after_upgrade, framing_of, wants_websocket
+from poise.proxy.http.upgrade import WEBSOCKET, framing_of, wants_websocket
 from poise.proxy.http.upstream import UPSTREAM_FULL
 from poise.proxy.proxy_protocol import connection_addresses
 
@@ -48,14 +46,6 @@ LINGER: Final = 2.0
 # Reasons to stop reading from the client (bit flags).
 PIPELINED: Final = 2       # a complete request waits behind the one being served
 CLIENT_FULL: Final = 8     # unused by the client itself; kept distinct from upstream flags
-# Who parses the next bytes (ClientConnection._mode).
-FAST: Final = 0        # the one-call head parser (fasthead): the stream is at a message
-                # boundary, or in a Content-Length body the fast path framed
-SLOW: Final = 1        # httptools: it began a message it has not finished (or there is no
-                # fast parser, or the connection was upgraded)
-CLOSING: Final = 2     # the last message was not keep-alive: nothing may follow it
-# (Final: a C static when compiled, not a module dict lookup per use.)
-parse_request: Final[Any] = fasthead.parse_request
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)   # (tests subclass it to observe it)
@@ -75,7 +65,7 @@ class ClientConnection(Downstream):
         # buckets it holds there until it closes.
         self._guard: Any = None
         self._held: tuple[int, int] | None = None
-        # httptools, created when first needed (see _read_slow): most connections
+        # httptools, created when first needed (see reading.read_slow): most connections
         # never need it, and an idle one should not hold it.
         self.parser: Any = None
         self._mode = FAST if parse_request is not None else SLOW
@@ -172,67 +162,12 @@ class ClientConnection(Downstream):
             return
         self.site.bytes_in += len(data)
         if self._mode == SLOW:
-            self._read_slow(data)
+            read_slow(self, data)
         else:
-            self._read_fast(data)
+            read_fast(self, data)
         cur = self.current
         if cur is not None and cur._up_out:
             cur.flush_upstream()
-
-    def _read_fast(self, data: bytes) -> None:
-        """Parse ``data`` a whole head per call (fasthead); from the first head the
-        fast path declines, httptools parses the rest."""
-        pos = 0
-        n = len(data)
-        try:
-            while pos < n:
-                if self._body_left:
-                    pos = self._fast_body(data, pos)
-                    continue
-                if self._mode != FAST or self._failed is not None or self.closed:
-                    break
-                head = parse_request(data, pos)
-                if head is None:
-                    self._mode = SLOW
-                    self._read_slow(data[pos:] if pos else data)
-                    return
-                pos = self._fast_head(head)
-            if pos < n and self._mode == CLOSING and self._failed is None:
-                raise BadRequest("Data after `Connection: close`")    # (as llhttp)
-        except PoiseError as e:
-            self._parse_failed(e)
-        except Exception as e:
-            log.error("bug while parsing a request", exc_info=e)
-            self._parse_failed(InternalError(f"{type(e).__name__}: {e}"))
-
-    def _read_slow(self, data: bytes) -> None:
-        """Parse ``data`` with httptools (callbacks below)."""
-        parser = self.parser
-        if parser is None:
-            parser = self.parser = httptools.HttpRequestParser(self)
-        bounds = self._bounds
-        if bounds is None:
-            bounds = self._bounds = MessageBounds()
-        if bounds.head_buf is None:     # (MessageBounds.read, inlined)
-            bounds.buf = data
-            bounds.pos = bounds.body_start = bounds.body_len = 0
-        else:
-            bounds.read(data)
-        upgraded_at = -1
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            upgraded_at = e.args[0]
-        except httptools.HttpParserError as e:
-            self._parse_failed(_translate(e))
-        else:
-            if self._in_head or bounds.head_buf is not None or bounds.scanner is not None:
-                bounds.read_done(self._in_head)
-                if self._in_head:
-                    self._head_continues()
-        if upgraded_at >= 0:
-            # Outside the except block: errors in the rest must not chain onto it.
-            after_upgrade(self, data, upgraded_at)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -246,64 +181,10 @@ class ClientConnection(Downstream):
         if cur is not None and cur.conn is not None:
             cur.conn.resume_reading()
 
-    # -- the fast path: one call per head ------------------------------------------------
-
-    def _fast_head(self, head: tuple[bytes, bytes, bool, bool, list[bytes], int, int, int],
-                   ) -> int:
-        """One request head from fasthead.parse_request: what on_message_begin,
-        on_url, on_header and on_headers_complete do for httptools, in one go.
-        Returns where its body (or the next message) starts."""
-        method, target, http11, keep_alive, headers, body_start, length, header_block = head
-        site = self.site
-        ex = self._new_exchange()
-        if self.deadline.when is not None:      # (a head deadline: the head is here)
-            self.deadline.clear()
-        self._url = target
-        if len(target) > site.max_request_line:
-            raise UriTooLong(f"request target longer than {site.max_request_line} bytes")
-        for i in range(0, len(headers), 2):
-            name = headers[i]
-            if (name[0] | 0x20) in WATCH_FIRST:     # headers that need a look
-                ex.add_watched(name, headers[i + 1])
-            else:
-                ex.fields += (name, b": ", headers[i + 1], CRLF)
-        if header_block > site.max_header_size:
-            raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
-        if len(headers) > 2 * site.max_headers:
-            raise HeadersTooLarge(f"more than {site.max_headers} headers")
-        if target[:1] != b"/":
-            target = origin_form(target, ex, method)
-        self._http11 = http11
-        ex.head_complete(method, target, http11, keep_alive)
-        if not keep_alive:
-            self._mode = CLOSING
-        if self.current is None:
-            self.current = ex
-            ex.start()
-        else:
-            self.queue.append(ex)
-            self.block_reading(PIPELINED)
-        if length > 0:
-            self._body_left = length
-        else:
-            self._fast_message_done(ex)
-        return body_start
-
-    def _fast_body(self, data: bytes, pos: int) -> int:
-        """Content-Length body bytes from ``data[pos:]``; returns where they end."""
-        body, end = body_slice(data, pos, self._body_left)
-        left = self._body_left = self._body_left - (end - pos)
-        ex = self._parsing
-        if ex is not None:
-            ex.request_body(body)
-            if not left:
-                self._fast_message_done(ex)
-        return end
-
     def _fast_message_done(self, ex: Exchange) -> None:
         """``ex``'s request has been read whole (unless it was already given up)."""
-        # (A method of its own: within _fast_head mypyc would take ``_parsing`` to be
-        # the Exchange assigned there, although calls since may have cleared it.)
+        # (A method of its own: within reading.fast_head mypyc would take ``_parsing``
+        # to be the Exchange assigned there, although calls since may have cleared it.)
         if self._parsing is ex:
             self._parsing = None
             ex.request_done()
@@ -314,13 +195,13 @@ class ClientConnection(Downstream):
         self._mode = SLOW
         self._in_head = True
         self._url = b""
-        self._header_count = 0
         self._new_exchange()
 
     def _new_exchange(self) -> Exchange:
         """A request begins (either parser): the exchange its head is read into."""
         ex = Exchange(self, self.site.max_request_body)
         self._parsing = ex
+        self._header_count = 0
         if self._idle:              # the idle deadline ends; a head deadline may start
             self._idle = False
             self.deadline.clear()
@@ -380,6 +261,11 @@ class ClientConnection(Downstream):
             else:
                 # Declined (never forwarded); its body, if any, is parsed after the head.
                 self._upgrade_body = framing_of(ex.content_length, ex.chunked)
+        self._dispatch(ex)
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """``ex``'s head is complete (either parser): serve it, or queue it behind the
+        one being served (and stop reading until that is done)."""
         if self.current is None:
             self.current = ex
             ex.start()
@@ -389,7 +275,7 @@ class ClientConnection(Downstream):
 
     def on_body(self, body: bytes) -> None:
         bounds = self._bounds
-        assert bounds is not None       # (made by _read_slow before parsing)
+        assert bounds is not None       # (made by reading.read_slow before parsing)
         bounds.body_len += len(body)
         ex = self._parsing
         if ex is not None:
@@ -587,17 +473,3 @@ class ClientConnection(Downstream):
         return (f"<ClientConnection {self.peer_ip.decode()} current={self.current!r} "
                 f"queued={len(self.queue)}>")
 
-
-def _translate(e: httptools.HttpParserError) -> PoiseError:
-    """An httptools error as a poise error; our own errors raised in callbacks win.
-    Any other exception from a callback is a bug: logged, answered 500."""
-    ctx = e.__context__
-    if isinstance(ctx, PoiseError):
-        return ctx
-    if isinstance(e, httptools.HttpParserCallbackError) and ctx is not None:
-        log.error("bug while parsing a request", exc_info=ctx)
-        return InternalError(f"{type(ctx).__name__}: {ctx}")
-    message = str(e)
-    if "HTTP version" in message:
-        return VersionNotSupported(message)
-    return BadRequest(message)

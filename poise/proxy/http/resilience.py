@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
     from poise.proxy.http.cluster import ClusterRuntime
     from poise.proxy.http.exchange import Exchange
-    from poise.proxy.http.upstream import UpstreamConnection, UpstreamPool
+    from poise.proxy.http.pool import UpstreamPool
+    from poise.proxy.http.upstream import UpstreamConnection
 
 # Slots an exchange holds in its cluster's limits (bits of ``_held``).
 REQUEST: Final = 1

@@ -42,7 +42,7 @@ from poise.proxy.http2.stream import StreamWriter, flat_fields, request_headers
 
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
-    from poise.proxy.http.upstream import UpstreamPool
+    from poise.proxy.http.pool import UpstreamPool
 
 log = logging.getLogger("poise")
 

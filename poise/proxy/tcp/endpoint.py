@@ -15,7 +15,7 @@ from poise.proxy.dial import dial
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
-    from poise.proxy.http.upstream import UpstreamPool
+    from poise.proxy.http.pool import UpstreamPool
 
 BUFFER_SIZE = 256 * 1024
 # Bytes kept from one side before the other is connected; reading pauses beyond.

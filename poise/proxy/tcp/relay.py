@@ -35,7 +35,7 @@ from poise.proxy.tcp.endpoint import Endpoint, TcpUpstream, attach, open_upstrea
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
-    from poise.proxy.http.upstream import UpstreamPool
+    from poise.proxy.http.pool import UpstreamPool
     from poise.proxy.tcp.site import TcpSite
 
 log = logging.getLogger("poise")

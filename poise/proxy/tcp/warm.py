@@ -22,7 +22,7 @@ from poise.proxy.tcp.endpoint import TcpUpstream, open_upstream
 
 if TYPE_CHECKING:
     from poise.proxy.http.cluster import ClusterRuntime
-    from poise.proxy.http.upstream import UpstreamPool
+    from poise.proxy.http.pool import UpstreamPool
 
 log = logging.getLogger("poise")
 
