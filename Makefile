@@ -13,7 +13,8 @@ $(BIN)/python:
 # modules (or the C head parser) reinstalls, so the compiled modules never lag behind
 # their sources.
 HOT_PATH_SOURCES := $(wildcard poise/proxy/http/*.py poise/proxy/http/*.c) poise/proxy/deadline.py \
-                    poise/observability/access_format.py poise/core/ratelimit.py
+                    poise/observability/access_format.py poise/core/ratelimit.py \
+                    poise/core/policies/rotation.py
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(HOT_PATH_SOURCES)
 	$(BIN)/pip install -q --upgrade pip

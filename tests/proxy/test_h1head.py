@@ -2,7 +2,10 @@
 
 The fast path may decline anything, but every head it accepts must be one llhttp
 accepts with the same meaning: method, target, version, the same header list, the
-same keep-alive decision and the same framing (where the body ends).  Generated heads
+same keep-alive decision and the same framing (where the body ends).  It also sorts
+the fields as the Python path does (RequestHead.add_watched for requests, hop-by-hop
+removal for responses): the sorted result must be what that path makes of llhttp's
+header list.  Generated heads
 mix the common form with the constructs that must go the slow way, and random byte
 mutations of both.
 """
@@ -15,6 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from poise.proxy.http import fasthead
+from poise.proxy.http.headers import CRLF, HOP_BY_HOP, split_block
+from poise.proxy.http.request import WATCH_FIRST, RequestHead
 
 pytestmark = pytest.mark.skipif(fasthead.parse_request is None,
                                 reason="the C head parser is not built (or interpreted run)")
@@ -25,12 +30,14 @@ METHODS = [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"] * 
     b"get", b"CONNECT", b"PROPFIND", b"G ET", b""]
 NAMES = [b"Host", b"host", b"Content-Length", b"content-LENGTH", b"Connection", b"Accept",
          b"X-Forwarded-For", b"Cookie", b"a", b"User-Agent", b"Expect", b"Keep-Alive",
-         b"TE", b"x-\x21~"] * 3 + [
+         b"TE", b"x-\x21~", b"Trailer", b"Proxy-Connection", b"proxy-authenticate",
+         b"Proxy-Authorization", b"X-Forwarded-Proto", b"x-forwarded-host", b"Hosts",
+         b"X-Forwarded-Fo", b"Expec", b"Tee", b"Connections"] * 3 + [
     b"Transfer-Encoding", b"Upgrade", b"Content-Length ", b" Host", b"X\x00Y", b"X Y",
     b"x-\xe9", b"", b"\"q\""]
 VALUES = [b"x", b"", b"  x  ", b"\tv\t", b"close", b"Close", b"keep-alive", b"Keep-Alive",
           b"KEEP-ALIVE", b"12", b"0", b"007", b"5 ", b" 5", b"caf\xc3\xa9", b"100-continue",
-          b"a, b;q=1"] * 3 + [
+          b"a, b;q=1", b"100-Continue", b"100-continue \t", b"100-continued"] * 3 + [
     b"close, foo", b"upgrade", b"chunked", b"1 2", b"-1", b"99999999999999999999",
     b"a\x00b", b"a\rb", b"a\nb", b"\x7f", b"a\x01", b"websocket"]
 TARGETS = [b"/", b"/a?b=c", b"*", b"http://h/p", b"/a#f", b"/\"{}|\\^`", b"/%zz"] * 3 + [
@@ -119,6 +126,33 @@ class Recorder:
 BODY = b"0123456789" * 3
 
 
+def new_head() -> RequestHead:
+    head = RequestHead()
+    head.fields = []
+    head.host = head.xff = head.upgrade = head.connection = None
+    head.content_length = -1
+    head.chunked = head.te = head.expect_continue = False
+    head.max_body = 1 << 62
+    return head
+
+
+def python_sorted(headers: list[bytes]) -> RequestHead:
+    """A request's fields as ClientConnection.on_header sorts them."""
+    head = new_head()
+    for i in range(0, len(headers), 2):
+        name, value = headers[i], headers[i + 1]
+        if (name[0] | 0x20) in WATCH_FIRST:
+            head.add_watched(name, value)
+        else:
+            head.fields += (name, b": ", value, CRLF)
+    return head
+
+
+def head_state(head: RequestHead) -> tuple:
+    return (head.fields, head.host, head.content_length, head.chunked, head.te,
+            head.expect_continue, head.xff, head.connection, head.upgrade)
+
+
 def llhttp_request(data: bytes) -> tuple[Recorder, httptools.HttpRequestParser]:
     rec = Recorder()
     parser = rec.parser = httptools.HttpRequestParser(rec)
@@ -136,7 +170,8 @@ def test_accepted_requests_mean_what_llhttp_says(head: bytes, offset: int) -> No
     fast = fasthead.parse_request(data, offset)
     if fast is None:
         return
-    method, target, http11, keep_alive, headers, body_start, length, header_block = fast
+    (method, target, http11, keep_alive, fields, watched, body_start, length, header_block,
+     host, expect_continue, count) = fast
     assert head[:body_start - offset].endswith(b"\r\n\r\n")
     body = BODY[:max(length, 0)]
     message = head[:body_start - offset] + body
@@ -147,7 +182,18 @@ def test_accepted_requests_mean_what_llhttp_says(head: bytes, offset: int) -> No
     assert rec.url == target
     assert parser.get_http_version() == ("1.1" if http11 else "1.0")
     assert rec.keep_alive == keep_alive
-    assert rec.headers == headers
+    assert count == len(rec.headers) // 2
+    # What the Python path makes of llhttp's fields, and of the C parser's sorting.
+    reference = python_sorted(rec.headers)
+    sorted_fast = new_head()
+    sorted_fast.fields = fields
+    sorted_fast.host = host
+    sorted_fast.expect_continue = expect_continue
+    if length >= 0:
+        sorted_fast.set_content_length(length)
+    for i in range(0, len(watched), 2):
+        sorted_fast.add_watched(watched[i], watched[i + 1])
+    assert head_state(sorted_fast) == head_state(reference)
     first_line_end = head.index(b"\r\n") + 2
     assert header_block == body_start - offset - first_line_end - 2
 
@@ -159,7 +205,7 @@ def test_accepted_responses_mean_what_llhttp_says(head: bytes) -> None:
     fast = fasthead.parse_response(head + BODY, 0)
     if fast is None:
         return
-    status, http11, keep_alive, headers, body_start, length = fast
+    status, http11, keep_alive, block, body_start, length = fast
     assert head[:body_start].endswith(b"\r\n\r\n")
     head = head[:body_start]    # (a mutation may have added bytes after the head)
     rec = Recorder()
@@ -175,7 +221,10 @@ def test_accepted_responses_mean_what_llhttp_says(head: bytes) -> None:
         assert rec.heads == 1
     assert parser.get_status_code() == status
     assert parser.get_http_version() == ("1.1" if http11 else "1.0")
-    assert rec.headers == headers
+    pairs = [(rec.headers[i], rec.headers[i + 1]) for i in range(0, len(rec.headers), 2)]
+    assert block == b"".join(name + b": " + value + CRLF for name, value in pairs
+                             if name.lower() not in HOP_BY_HOP)
+    assert (fast[5] >= 0) == any(name.lower() == b"content-length" for name, _ in pairs)
 
 
 @pytest.mark.parametrize("head", [
@@ -192,6 +241,9 @@ def test_accepted_responses_mean_what_llhttp_says(head: bytes) -> None:
     b"\r\nGET / HTTP/1.1\r\n\r\n",                              # leading empty line
     b"CONNECT h:1 HTTP/1.1\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 1234567890123456\r\n\r\n",
+    b"GET / HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n",  # llhttp: keep-alive
+    b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",          # Python answers 400
+    b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 129 + b"\r\n",         # many: Python answers
 ])
 def test_declines_what_the_slow_path_must_see(head: bytes) -> None:
     assert fasthead.parse_request(head, 0) is None
@@ -213,15 +265,36 @@ def test_accepts_the_common_form() -> None:
     data = one + post
     first = fasthead.parse_request(data, 0)
     assert first == (b"GET", b"/index.html?q=1", True, True,
-                     [b"Host", b"example.com", b"User-Agent", b"curl/8", b"Accept", b"*/*"],
-                     len(one), -1, len(one) - 30 - 2)
+                     [b"Host", b": ", b"example.com", CRLF, b"User-Agent", b": ", b"curl/8",
+                      CRLF, b"Accept", b": ", b"*/*", CRLF],
+                     [], len(one), -1, len(one) - 30 - 2, b"example.com", False, 3)
     second = fasthead.parse_request(data, len(one))
-    assert second is not None and second[0] == b"POST" and second[6] == 2
-    assert second[5] == len(data) - 2
+    assert second is not None and second[0] == b"POST" and second[7] == 2
+    assert second[6] == len(data) - 2
     response = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
     assert fasthead.parse_response(response, 0) == (
-        200, True, True, [b"Content-Type", b"text/plain", b"Content-Length", b"5"],
+        200, True, True, b"Content-Type: text/plain\r\nContent-Length: 5\r\n",
         len(response) - 5, 5)
+
+
+def test_fields_are_sorted_as_the_python_path_does() -> None:
+    request = (b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n"
+               b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nExpect: nope\r\n"
+               b"TE: trailers\r\nExpect: 100-continue\r\nAccept: */*\r\n\r\n")
+    (_, _, _, _, fields, watched, _, _, _, host, expect_continue,
+     count) = fasthead.parse_request(request, 0)
+    assert fields == [b"Host", b": ", b"h", CRLF, b"Expect", b": ", b"100-continue", CRLF,
+                      b"Accept", b": ", b"*/*", CRLF]
+    assert watched == [b"Connection", b"keep-alive", b"X-Forwarded-For", b"1.2.3.4"]
+    assert (host, expect_continue, count) == (b"h", True, 9)
+    response = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+                b"X-Forwarded-For: kept\r\nProxy-Authenticate: Basic\r\nTrailer: x\r\n"
+                b"Expect: whatever\r\nContent-Length: 0\r\n\r\n")
+    block = fasthead.parse_response(response, 0)[3]
+    assert block == b"X-Forwarded-For: kept\r\nExpect: whatever\r\nContent-Length: 0\r\n"
+    assert split_block(block) == [b"X-Forwarded-For", b": ", b"kept", CRLF, b"Expect", b": ",
+                                  b"whatever", CRLF, b"Content-Length", b": ", b"0", CRLF]
+    assert split_block(b"") == []
 
 
 @pytest.mark.parametrize("bad", [0x00, 0x01, 0x0b, 0x1f, 0x7f, 0x0a])
@@ -235,4 +308,4 @@ def test_a_control_byte_anywhere_in_a_long_value_is_declined(bad: int) -> None:
             assert fasthead.parse_request(head, 0) is None, (length, at)
     for clean in (b"\t" * 9, b"\x80\xff" * 9, b"x" * 17 + b"\t"):
         head = b"GET / HTTP/1.1\r\nA: b" + clean + b"\r\n\r\n"
-        assert fasthead.parse_request(head, 0)[4] == [b"A", b"b" + clean]
+        assert fasthead.parse_request(head, 0)[4] == [b"A", b": ", b"b" + clean, CRLF]

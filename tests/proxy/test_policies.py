@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from tests.support.client import RawReader
+from tests.support.h2 import H2Client
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 
@@ -102,3 +103,20 @@ def _wait_until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
+
+
+def test_sticky_cookie_reaches_an_http2_client(stack, three):
+    """Regression: the cookie was added to the response fields as one line, which an
+    HTTP/2 client's response (read a name and value at a time) could not take."""
+    px = stack.poise([b.address for b in three], listener={"http2": {}},
+                     cluster={"policy": {"type": "sticky", "secret": "s3cret-for-the-tests!"}})
+    with H2Client(px.addr) as c:
+        first = c.response(c.request("GET", "/echo"))
+        cookie = first.header("set-cookie")
+        assert first.status == 200 and cookie is not None, first.headers
+        assert cookie.startswith("poise_sticky="), cookie
+        home = first.header("x-backend")
+        value = cookie.split(";", 1)[0]
+        for _ in range(5):
+            r = c.response(c.request("GET", "/echo", headers=[("cookie", value)]))
+            assert r.header("x-backend") == home

@@ -202,32 +202,66 @@ def test_the_password_stays_out_of_logs():
 
 # -- two instances ---------------------------------------------------------------------
 
-async def drive(limit: GlobalLimit, key: bytes, until: float, rng: random.Random
-                ) -> list[float]:
+async def drive(limit: GlobalLimit, key: bytes, until: float, rng: random.Random,
+                asks: list[tuple[float, float, float]]) -> None:
     """Two requests about every millisecond (jittered, so that two drivers in one
-    loop do not ask in lockstep) until ``until``; their verdicts."""
+    loop do not ask in lockstep) until ``until``; each one's (time asked, verdict,
+    time answered) appended to ``asks``."""
+    async def one() -> None:
+        asked = time.monotonic()        # (ask() takes at once: no await before take)
+        verdict = await ask(limit, key)
+        asks.append((asked, verdict, time.monotonic()))
+
     pending = []
     while time.monotonic() < until:
-        pending += [asyncio.ensure_future(ask(limit, key)) for _ in range(2)]
+        pending += [asyncio.ensure_future(one()) for _ in range(2)]
         await asyncio.sleep(rng.uniform(0.0002, 0.0018))
-    return await asyncio.gather(*pending)
+    await asyncio.gather(*pending)
+
+
+def exact_gcra(times: list[float], rate: float, burst: int) -> int:
+    """How many requests at ``times`` one exact GCRA (the script's, one token per
+    request, on a fresh key) would admit."""
+    interval, tat, admitted = 1 / rate, float("-inf"), 0
+    for t in sorted(times):
+        tat = max(tat, t)
+        if tat - t <= (burst - 1) * interval + 1e-9:
+            tat += interval
+            admitted += 1
+    return admitted
 
 
 async def test_two_instances_sharing_one_limit_admit_its_rate_together(redis_server):
-    # Two stores with their own connections stand for two poise instances.  Demand
-    # is ~4x the rate; GCRA admits rate * T + burst; leases shift or drop at most
-    # 1.5 batches per holder: 10% of 210 is 21, far above 2 * 1.5 * 10.
+    # Two stores with their own connections stand for two poise instances; demand is
+    # far above the rate.  What is checked is measured against the requests the test
+    # actually made, when it made them (a loaded box starves the drivers at times, and
+    # a GCRA rightly does not bank an idle stretch beyond its burst):
+    # - exactly: the two admitted no more than Redis granted, and Redis granted no
+    #   more than one limit's rate over the time measured around the run, plus burst;
+    # - the two together admitted what one exact GCRA would have admitted of those
+    #   requests, within what leasing may shift or drop (1.5 batches per holder, as
+    #   poise.core.leases documents), plus rate * the slowest answer (Redis decides
+    #   when a refill reaches it, up to that long after the request), plus rounding.
+    # Two limits not shared would admit about twice that; one ignored, half of it.
+    # (A round-trip timeout far above a loaded box's: the store must not fail here.)
     name, rate, burst, seconds = fresh(), 100, 10, 2.0
-    stores = [RedisStore(redis_server.url, timeout=0.5) for _ in range(2)]
+    stores = [RedisStore(redis_server.url, timeout=5.0) for _ in range(2)]
     limits = [GlobalLimit(name, rate=rate, burst=burst, store=s) for s in stores]
-    until = time.monotonic() + seconds
-    results = await asyncio.gather(*(drive(limit, b"shared", until, random.Random(seed))
-                                     for seed, limit in enumerate(limits)))
-    admitted = [sum(1 for v in r if v == 0.0) for r in results]
-    expected = rate * seconds + burst
-    assert abs(sum(admitted) - expected) <= 0.1 * expected, admitted
+    asks: list[list[tuple[float, float, float]]] = [[], []]
+    start = time.monotonic()
+    until = start + seconds
+    await asyncio.gather(*(drive(limit, b"shared", until, random.Random(seed), log)
+                           for seed, (limit, log) in enumerate(zip(limits, asks, strict=True))))
+    elapsed = time.monotonic() - start
+    admitted = [sum(1 for _, v, _ in log if v == 0.0) for log in asks]
+    granted = sum(s.tokens_granted for s in stores)
+    assert sum(admitted) <= granted <= rate * elapsed + burst, (admitted, granted, elapsed)
+    expected = exact_gcra([asked for log in asks for asked, _, _ in log], rate, burst)
+    slowest = max(answered - asked for log in asks for asked, _, answered in log)
+    slack = sum(1.5 * limit.book.cap for limit in limits) + rate * slowest + 1
+    assert abs(sum(admitted) - expected) <= slack, (admitted, expected, slack)
     assert all(a > 0.3 * expected for a in admitted), admitted     # both got a share
-    denied = [v for r in results for v in r if v > 0]
+    denied = [v for log in asks for _, v, _ in log if v > 0]
     assert denied and max(denied) <= burst / rate
     for s in stores:
         assert s.up and s.errors == 0

@@ -18,6 +18,7 @@ from typing import Any
 from poise.core.backend import Backend
 from poise.core.clock import Clock
 from poise.core.cluster import ClusterSnapshot
+from poise.core.policies.rotation import RotationPicker
 from poise.core.policies.slow_start import Ramp, RampedPolicy, Ramping
 
 # Up to this many picks per cycle the whole schedule is precomputed, so a pick is an
@@ -46,36 +47,6 @@ class RoundRobin(RampedPolicy):
             schedule = DeadlinePicker(backends)
             return RotationPicker(tuple(schedule.pick() for _ in range(period)))
         return DeadlinePicker(backends)
-
-
-class RotationPicker:
-    """Cycles through a fixed schedule of backends."""
-
-    __slots__ = ("_schedule", "_backends", "_next", "_size")
-
-    def __init__(self, schedule: tuple[Backend, ...]) -> None:
-        self._schedule = schedule
-        self._backends = tuple(dict.fromkeys(schedule))
-        self._size = len(schedule)
-        self._next = 0
-
-    def pick(self, ctx: Any = None) -> Backend:
-        i = self._next
-        self._next = i + 1 if i + 1 < self._size else 0
-        return self._schedule[i]
-
-    def candidates(self, ctx: Any = None) -> Iterator[Backend]:
-        if not self._size:
-            return
-        first = self.pick(ctx)
-        yield first
-        start = self._backends.index(first)
-        n = len(self._backends)
-        for k in range(1, n):
-            yield self._backends[(start + k) % n]
-
-    def __repr__(self) -> str:
-        return f"<RotationPicker schedule={self._size} backends={len(self._backends)}>"
 
 
 class DeadlinePicker:

@@ -7,21 +7,32 @@
  * plain, common form, each of which llhttp also accepts with the same meaning, and
  * returns None for everything else — a head not complete in the buffer, any byte or
  * construct it does not know to be safe (obs-fold, bare LF, Transfer-Encoding,
- * Upgrade, an unusual Connection value, a duplicate Content-Length...).  The caller
+ * Upgrade, Proxy-Connection, an unusual Connection value, a duplicate
+ * Content-Length...).  The caller
  * then parses those bytes with httptools exactly as before, so every error answer
  * and every unusual case keeps llhttp's behaviour.  tests/proxy/test_h1head.py
  * checks the subset property against httptools with generated heads.
  *
  * parse_request(data: bytes, start: int) -> None or
- *     (method, target, http11, keep_alive, headers, body_start, content_length,
- *      header_block)
+ *     (method, target, http11, keep_alive, fields, watched, body_start,
+ *      content_length, header_block, host, expect_continue, field_count)
  * parse_response(data: bytes, start: int) -> None or
- *     (status, http11, keep_alive, headers, body_start, content_length)
+ *     (status, http11, keep_alive, block, body_start, content_length)
  *
- * headers is a flat list [name, value, name, value, ...] with values' leading
- * whitespace removed and trailing whitespace kept (as llhttp reports them);
- * content_length is -1 without a Content-Length header; header_block is the size of
- * the header lines after the request line (without the final empty line).
+ * It also sorts the header fields the way the Python path does (request.py's
+ * RequestHead.add_watched, upstream.py's UpstreamConnection.on_header), so that
+ * Python touches only the fields that need a look:
+ * - a request's fields are RequestHead.fields ready-made: flat name, ": ", value,
+ *   CRLF groups in order, without hop-by-hop fields, X-Forwarded-* or an Expect other
+ *   than 100-continue; watched holds its Connection and X-Forwarded-For fields as flat
+ *   name, value pairs for add_watched; host is the Host value or None (a second Host
+ *   is declined: Python answers it);
+ * - a response's block is its end-to-end header lines as one bytes object, "name:
+ *   value\r\n" each, hop-by-hop ones left out.
+ * Values have their leading whitespace removed and trailing whitespace kept (as
+ * llhttp reports them); content_length is -1 without a Content-Length header;
+ * header_block is the size of the header lines after the request line (without the
+ * final empty line); field_count counts every header line.
  *
  * Changing it: edit this file and reinstall (`make install`); the interpreted
  * fallback (no C compiler, POISE_PURE=1 or POISE_INTERPRETED=1) does without it.
@@ -84,20 +95,81 @@ static Py_ssize_t value_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
     return p;
 }
 
-/* What the header loop learned besides the list. */
+/* What a header name means to the proxy (request.py's _SPECIAL, headers.py's
+ * HOP_BY_HOP): FORWARD as it is, or a name that needs a look. */
+enum {
+    K_FORWARD, K_CONTENT_LENGTH, K_HOST, K_CONNECTION, K_EXPECT, K_XFF,
+    K_XF_OTHER,     /* X-Forwarded-Proto/-Host: a request's are dropped (poise sets
+                       its own) */
+    K_DROP,         /* hop-by-hop: dropped */
+    K_DECLINE,      /* Transfer-Encoding, Upgrade, Proxy-Connection: the slow path */
+};
+
+static int kind_of(const unsigned char *name, Py_ssize_t len)
+{
+    switch (len) {
+    case 2: if (lower_equals(name, 2, "te")) return K_DROP; break;
+    case 4: if (lower_equals(name, 4, "host")) return K_HOST; break;
+    case 6: if (lower_equals(name, 6, "expect")) return K_EXPECT; break;
+    case 7:
+        if (lower_equals(name, 7, "trailer")) return K_DROP;
+        if (lower_equals(name, 7, "upgrade")) return K_DECLINE;
+        break;
+    case 10:
+        if (lower_equals(name, 10, "connection")) return K_CONNECTION;
+        if (lower_equals(name, 10, "keep-alive")) return K_DROP;
+        break;
+    case 14: if (lower_equals(name, 14, "content-length")) return K_CONTENT_LENGTH; break;
+    case 15: if (lower_equals(name, 15, "x-forwarded-for")) return K_XFF; break;
+    case 16:
+        /* llhttp reads it like Connection: declined, as a second Connection is */
+        if (lower_equals(name, 16, "proxy-connection")) return K_DECLINE;
+        if (lower_equals(name, 16, "x-forwarded-host")) return K_XF_OTHER;
+        break;
+    case 17:
+        if (lower_equals(name, 17, "transfer-encoding")) return K_DECLINE;
+        if (lower_equals(name, 17, "x-forwarded-proto")) return K_XF_OTHER;
+        break;
+    case 18: if (lower_equals(name, 18, "proxy-authenticate")) return K_DROP; break;
+    case 19: if (lower_equals(name, 19, "proxy-authorization")) return K_DROP; break;
+    }
+    return K_FORWARD;
+}
+
+/* One header line: where its name and value are in the buffer, and its kind. */
+typedef struct {
+    Py_ssize_t name, name_len, value, value_len;
+    int kind;
+} Field;
+
+/* More fields than this in one head: the slow path (whose limit check answers). */
+#define MAX_FIELDS 128
+
+/* One head's header lines and what the header loop learned from them. */
 typedef struct {
     Py_ssize_t content_length;  /* -1: none */
     int close;                  /* Connection: close */
     int keep_alive;             /* Connection: keep-alive */
     int connection_seen;
-} HeadFacts;
+    int host;                   /* the Host field's index, -1: none */
+    int expect_continue;        /* an "Expect: 100-continue" (request) */
+    int count;
+    Field fields[MAX_FIELDS];
+} Head;
 
-enum { OK = 0, DECLINE = 1, ERROR = -1 };
+enum { OK = 0, DECLINE = 1 };
 
-/* Parse header lines from p until the empty line; append names and values to
- * headers.  *end gets the offset just past the empty line. */
-static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
-                        PyObject *headers, HeadFacts *facts, Py_ssize_t *end)
+/* Value bytes equal, ignoring case and trailing SP/HTAB, to the lower-case word w. */
+static int value_is(const unsigned char *v, Py_ssize_t n, const char *w)
+{
+    while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+    return lower_equals(v, n, w);
+}
+
+/* Parse the header lines from p up to the empty line into head; *end gets the
+ * offset just past the empty line.  No Python objects: DECLINE or OK. */
+static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, Head *head,
+                        int request, Py_ssize_t *end)
 {
     for (;;) {
         if (p >= n) return DECLINE;
@@ -106,6 +178,7 @@ static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
             *end = p + 2;
             return OK;
         }
+        if (head->count == MAX_FIELDS) return DECLINE;
         Py_ssize_t name_start = p;
         while (p < n && tchar[b[p]]) p++;
         if (p >= n || b[p] != ':' || p == name_start) return DECLINE;
@@ -118,61 +191,48 @@ static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
         Py_ssize_t value_len = p - value_start;
         p += 2;
 
-        const unsigned char *name = b + name_start, *value = b + value_start;
-        switch (name_len) {
-        case 14:
-            if (lower_equals(name, 14, "content-length")) {
-                if (facts->content_length >= 0 || value_len < 1 || value_len > 15)
-                    return DECLINE;
-                Py_ssize_t length = 0;
-                for (Py_ssize_t i = 0; i < value_len; i++) {
-                    if (value[i] < '0' || value[i] > '9') return DECLINE;
-                    length = length * 10 + (value[i] - '0');
-                }
-                facts->content_length = length;
+        const unsigned char *value = b + value_start;
+        int kind = kind_of(b + name_start, name_len);
+        if (!request && kind < K_DROP && kind != K_CONTENT_LENGTH && kind != K_CONNECTION)
+            kind = K_FORWARD;       /* a response's Host, Expect, X-Forwarded-*: as is */
+        switch (kind) {
+        case K_DECLINE:
+            return DECLINE;
+        case K_CONTENT_LENGTH: {
+            if (head->content_length >= 0 || value_len < 1 || value_len > 15)
+                return DECLINE;
+            Py_ssize_t length = 0;
+            for (Py_ssize_t i = 0; i < value_len; i++) {
+                if (value[i] < '0' || value[i] > '9') return DECLINE;
+                length = length * 10 + (value[i] - '0');
             }
-            break;
-        case 17:
-            if (lower_equals(name, 17, "transfer-encoding")) return DECLINE;
-            break;
-        case 7:
-            if (lower_equals(name, 7, "upgrade")) return DECLINE;
-            break;
-        case 10:
-            if (lower_equals(name, 10, "connection")) {
-                if (facts->connection_seen) return DECLINE;
-                facts->connection_seen = 1;
-                if (lower_equals(value, value_len, "close")) facts->close = 1;
-                else if (lower_equals(value, value_len, "keep-alive")) facts->keep_alive = 1;
-                else return DECLINE;
-            }
+            head->content_length = length;
             break;
         }
-        PyObject *name_obj = PyBytes_FromStringAndSize((const char *)name, name_len);
-        if (name_obj == NULL) return ERROR;
-        int failed = PyList_Append(headers, name_obj);
-        Py_DECREF(name_obj);
-        if (failed) return ERROR;
-        PyObject *value_obj = PyBytes_FromStringAndSize((const char *)value, value_len);
-        if (value_obj == NULL) return ERROR;
-        failed = PyList_Append(headers, value_obj);
-        Py_DECREF(value_obj);
-        if (failed) return ERROR;
+        case K_CONNECTION:
+            if (head->connection_seen) return DECLINE;
+            head->connection_seen = 1;
+            if (lower_equals(value, value_len, "close")) head->close = 1;
+            else if (lower_equals(value, value_len, "keep-alive")) head->keep_alive = 1;
+            else return DECLINE;
+            break;
+        case K_HOST:
+            if (head->host >= 0) return DECLINE;    /* (RequestHead answers 400) */
+            head->host = head->count;
+            break;
+        case K_EXPECT:
+            /* Forwarded only as 100-continue (RequestHead.add_watched). */
+            if (value_is(value, value_len, "100-continue")) head->expect_continue = 1;
+            else kind = K_DROP;
+            break;
+        }
+        Field *f = &head->fields[head->count++];
+        f->name = name_start;
+        f->name_len = name_len;
+        f->value = value_start;
+        f->value_len = value_len;
+        f->kind = kind;
     }
-}
-
-/* The header lines from p as a new list.  NULL with *declined set when the fast path
- * declines them, NULL alone on a Python error. */
-static PyObject *read_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n,
-                             HeadFacts *facts, Py_ssize_t *end, int *declined)
-{
-    PyObject *headers = PyList_New(0);
-    if (headers == NULL) return NULL;
-    int status = parse_fields(b, p, n, headers, facts, end);
-    if (status == OK) return headers;
-    Py_DECREF(headers);
-    *declined = status == DECLINE;
-    return NULL;
 }
 
 /* "HTTP/1.0" or "HTTP/1.1" at b[p:]: 1 for 1.1, 0 for 1.0, -1 otherwise. */
@@ -223,6 +283,93 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, const unsigned ch
     return 0;
 }
 
+static void init_head(Head *head)
+{
+    head->content_length = -1;
+    head->close = head->keep_alive = head->connection_seen = 0;
+    head->host = -1;
+    head->expect_continue = 0;
+    head->count = 0;
+}
+
+static PyObject *colon_space, *crlf;     /* b": ", b"\r\n": shared by every field */
+
+/* A request's forwarded fields as RequestHead.fields holds them (flat name, ": ",
+ * value, CRLF groups, in order), and the Connection and X-Forwarded-For fields as
+ * flat name, value pairs for RequestHead.add_watched. */
+static int request_lists(const unsigned char *b, const Head *head, PyObject **fields_out,
+                         PyObject **watched_out)
+{
+    Py_ssize_t forwarded = 0, watched = 0;
+    for (int i = 0; i < head->count; i++) {
+        int kind = head->fields[i].kind;
+        if (kind == K_CONNECTION || kind == K_XFF) watched++;
+        else if (kind != K_DROP && kind != K_XF_OTHER) forwarded++;
+    }
+    PyObject *fields = PyList_New(4 * forwarded), *pairs = PyList_New(2 * watched);
+    if (fields == NULL || pairs == NULL) goto error;
+    Py_ssize_t at = 0, pair_at = 0;
+    for (int i = 0; i < head->count; i++) {
+        const Field *f = &head->fields[i];
+        if (f->kind == K_DROP || f->kind == K_XF_OTHER) continue;
+        PyObject *name = PyBytes_FromStringAndSize((const char *)b + f->name, f->name_len);
+        PyObject *value = PyBytes_FromStringAndSize((const char *)b + f->value, f->value_len);
+        if (name == NULL || value == NULL) {
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            goto error;
+        }
+        if (f->kind == K_CONNECTION || f->kind == K_XFF) {
+            PyList_SET_ITEM(pairs, pair_at, name);
+            PyList_SET_ITEM(pairs, pair_at + 1, value);
+            pair_at += 2;
+            continue;
+        }
+        Py_INCREF(colon_space);
+        Py_INCREF(crlf);
+        PyList_SET_ITEM(fields, at, name);
+        PyList_SET_ITEM(fields, at + 1, colon_space);
+        PyList_SET_ITEM(fields, at + 2, value);
+        PyList_SET_ITEM(fields, at + 3, crlf);
+        at += 4;
+    }
+    *fields_out = fields;
+    *watched_out = pairs;
+    return 0;
+error:
+    Py_XDECREF(fields);         /* (unfilled items are NULL: list_dealloc skips them) */
+    Py_XDECREF(pairs);
+    return -1;
+}
+
+/* A response's end-to-end header lines as one bytes object ("name: value\r\n" each,
+ * hop-by-hop ones left out), as UpstreamConnection.on_header would build them. */
+static PyObject *response_block(const unsigned char *b, const Head *head)
+{
+    Py_ssize_t size = 0;
+    for (int i = 0; i < head->count; i++) {
+        const Field *f = &head->fields[i];
+        if (f->kind != K_DROP && f->kind != K_CONNECTION)
+            size += f->name_len + f->value_len + 4;
+    }
+    PyObject *block = PyBytes_FromStringAndSize(NULL, size);
+    if (block == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(block);
+    for (int i = 0; i < head->count; i++) {
+        const Field *f = &head->fields[i];
+        if (f->kind == K_DROP || f->kind == K_CONNECTION) continue;
+        memcpy(out, b + f->name, f->name_len);
+        out += f->name_len;
+        *out++ = ':';
+        *out++ = ' ';
+        memcpy(out, b + f->value, f->value_len);
+        out += f->value_len;
+        *out++ = '\r';
+        *out++ = '\n';
+    }
+    return block;
+}
+
 static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *b;
@@ -251,26 +398,27 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     p += 2;
     Py_ssize_t fields_start = p;
 
-    HeadFacts facts = {-1, 0, 0, 0};
+    Head head;
+    init_head(&head);
     Py_ssize_t end;
-    int declined = 0;
-    PyObject *headers = read_fields(b, p, n, &facts, &end, &declined);
-    if (headers == NULL) {
-        if (declined) Py_RETURN_NONE;
-        return NULL;
+    if (parse_fields(b, p, n, &head, 1, &end) != OK) Py_RETURN_NONE;
+    PyObject *fields, *watched;
+    if (request_lists(b, &head, &fields, &watched) < 0) return NULL;
+    PyObject *host = Py_None;
+    if (head.host >= 0) {
+        const Field *f = &head.fields[head.host];
+        host = PyBytes_FromStringAndSize((const char *)b + f->value, f->value_len);
     }
-    PyObject *target = PyBytes_FromStringAndSize((const char *)b + target_start, target_len);
-    if (target == NULL) {
-        Py_DECREF(headers);
-        return NULL;
-    }
-    int keep_alive = http11 ? !facts.close : facts.keep_alive;
+    else Py_INCREF(host);
+    int keep_alive = http11 ? !head.close : head.keep_alive;
     Py_INCREF(method);
-    PyObject *items[8] = {method, target, PyBool_FromLong(http11),
-                          PyBool_FromLong(keep_alive), headers, PyLong_FromSsize_t(end),
-                          PyLong_FromSsize_t(facts.content_length),
-                          PyLong_FromSsize_t(end - 2 - fields_start)};
-    return new_tuple(items, 8);
+    PyObject *items[12] = {
+        method, PyBytes_FromStringAndSize((const char *)b + target_start, target_len),
+        PyBool_FromLong(http11), PyBool_FromLong(keep_alive), fields, watched,
+        PyLong_FromSsize_t(end), PyLong_FromSsize_t(head.content_length),
+        PyLong_FromSsize_t(end - 2 - fields_start), host,
+        PyBool_FromLong(head.expect_continue), PyLong_FromLong(head.count)};
+    return new_tuple(items, 12);
 }
 
 static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -295,29 +443,26 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
     if (p + 1 >= n || b[p] != '\r' || b[p + 1] != '\n') Py_RETURN_NONE;
     p += 2;
 
-    HeadFacts facts = {-1, 0, 0, 0};
+    Head head;
+    init_head(&head);
     Py_ssize_t end;
-    int declined = 0;
-    PyObject *headers = read_fields(b, p, n, &facts, &end, &declined);
-    if (headers == NULL) {
-        if (declined) Py_RETURN_NONE;
-        return NULL;
-    }
-    int keep_alive = http11 ? !facts.close : facts.keep_alive;
+    if (parse_fields(b, p, n, &head, 0, &end) != OK) Py_RETURN_NONE;
+    int keep_alive = http11 ? !head.close : head.keep_alive;
     PyObject *items[6] = {PyLong_FromLong(code), PyBool_FromLong(http11),
-                          PyBool_FromLong(keep_alive), headers, PyLong_FromSsize_t(end),
-                          PyLong_FromSsize_t(facts.content_length)};
+                          PyBool_FromLong(keep_alive), response_block(b, &head),
+                          PyLong_FromSsize_t(end),
+                          PyLong_FromSsize_t(head.content_length)};
     return new_tuple(items, 6);
 }
 
 static PyMethodDef methods[] = {
     {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL,
      "parse_request(data, start): a complete plain request head at data[start:] as "
-     "(method, target, http11, keep_alive, headers, body_start, content_length, "
-     "header_block), else None."},
+     "(method, target, http11, keep_alive, fields, watched, body_start, "
+     "content_length, header_block, host, expect_continue, field_count), else None."},
     {"parse_response", (PyCFunction)(void (*)(void))parse_response, METH_FASTCALL,
      "parse_response(data, start): a complete plain final response head at "
-     "data[start:] as (status, http11, keep_alive, headers, body_start, "
+     "data[start:] as (status, http11, keep_alive, block, body_start, "
      "content_length), else None."},
     {NULL, NULL, 0, NULL},
 };
@@ -330,6 +475,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__h1head(void)
 {
     init_tchar();
+    colon_space = PyBytes_FromString(": ");
+    crlf = PyBytes_FromString("\r\n");
+    if (colon_space == NULL || crlf == NULL) return NULL;
     for (int i = 0; METHODS[i]; i++) {
         method_objects[i] = PyBytes_FromString(METHODS[i]);
         if (method_objects[i] == NULL) return NULL;

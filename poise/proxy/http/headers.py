@@ -35,6 +35,16 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(tokens - PROTECTED)
 
 
+def split_block(block: bytes) -> list[bytes]:
+    """Header lines ("name: value\r\n" each, as h1head.c's response blocks have them)
+    as flat name, ": ", value, CRLF groups."""
+    fields: list[bytes] = []
+    for line in block.split(CRLF)[:-1]:
+        name, _, value = line.partition(b": ")
+        fields += (name, b": ", value, CRLF)
+    return fields
+
+
 def drop_listed(fields: list[bytes], connection_values: list[bytes]) -> list[bytes]:
     """``fields`` (flat name, ": ", value, CRLF groups) without the headers that the
     Connection header values nominate (framing headers and Host are never dropped)."""

@@ -71,12 +71,17 @@ def read_fast(conn: ClientConnection, data: bytes) -> None:
         conn._parse_failed(InternalError(f"{type(e).__name__}: {e}"))
 
 
-def fast_head(conn: ClientConnection,
-              head: tuple[bytes, bytes, bool, bool, list[bytes], int, int, int]) -> int:
+FastRequest = tuple[bytes, bytes, bool, bool, list[bytes], list[bytes], int, int, int,
+                    "bytes | None", bool, int]
+
+
+def fast_head(conn: ClientConnection, head: FastRequest) -> int:
     """One request head from fasthead.parse_request: what the httptools callbacks do
-    from on_message_begin to on_headers_complete, in one go.  Returns where its body
-    (or the next message) starts."""
-    method, target, http11, keep_alive, headers, body_start, length, header_block = head
+    from on_message_begin to on_headers_complete, in one go.  The C parser has done
+    on_header's sorting (h1head.c): only Connection and X-Forwarded-For fields go
+    through ``add_watched``.  Returns where its body (or the next message) starts."""
+    (method, target, http11, keep_alive, fields, watched, body_start, length, header_block,
+     host, expect_continue, count) = head
     site = conn.site
     ex = conn._new_exchange()
     if conn.deadline.when is not None:      # (a head deadline: the head is here)
@@ -84,8 +89,14 @@ def fast_head(conn: ClientConnection,
     conn._url = target
     if len(target) > site.max_request_line:
         raise UriTooLong(f"request target longer than {site.max_request_line} bytes")
-    for i in range(0, len(headers), 2):
-        conn.on_header(headers[i], headers[i + 1])
+    ex.fields = fields
+    ex.host = host
+    ex.expect_continue = expect_continue
+    if length >= 0:
+        ex.set_content_length(length)
+    for i in range(0, len(watched), 2):
+        ex.add_watched(watched[i], watched[i + 1])
+    conn._header_count = count
     if header_block > site.max_header_size:
         raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
     if conn._header_count > site.max_headers:

@@ -56,10 +56,7 @@ class RequestHead:
             self.host = value
             self.fields += (name, b": ", value, CRLF)
         elif low == b"content-length":
-            self.content_length = int(value)  # llhttp has checked it is digits only
-            if self.content_length > self.max_body:
-                raise PayloadTooLarge(
-                    f"Content-Length {self.content_length} exceeds {self.max_body}")
+            self.set_content_length(int(value))   # llhttp has checked it is digits only
             self.fields += (name, b": ", value, CRLF)
         elif low == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
@@ -76,6 +73,12 @@ class RequestHead:
         elif low == b"upgrade":
             self.upgrade = value
         # other hop-by-hop and X-Forwarded-Proto/-Host: dropped, poise sets its own
+
+    def set_content_length(self, length: int) -> None:
+        """The request's Content-Length. Raises PayloadTooLarge over ``max_body``."""
+        self.content_length = length
+        if length > self.max_body:
+            raise PayloadTooLarge(f"Content-Length {length} exceeds {self.max_body}")
 
     def finish_head(self, http11: bool) -> None:
         """Checks that need the whole head. Raises BadRequest."""

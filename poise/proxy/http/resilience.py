@@ -303,7 +303,7 @@ def accept_response(ex: Exchange, status: int, fields: list[bytes]) -> bool:
     if cluster.set_cookie is not None:
         cookie = cluster.set_cookie(ex._ctx, ex.pool.backend)
         if cookie:
-            fields.append(b"set-cookie: " + cookie + CRLF)
+            fields += (b"set-cookie", b": ", cookie, CRLF)
     return True
 
 

@@ -23,7 +23,14 @@ from poise.errors import (
 )
 from poise.proxy.deadline import Deadline
 from poise.proxy.http import fasthead
-from poise.proxy.http.headers import CRLF, HOP_BY_HOP, body_slice, chunk, drop_listed
+from poise.proxy.http.headers import (
+    CRLF,
+    HOP_BY_HOP,
+    body_slice,
+    chunk,
+    drop_listed,
+    split_block,
+)
 from poise.proxy.http.tunnel import open_tunnel
 
 if TYPE_CHECKING:
@@ -132,19 +139,20 @@ class UpstreamConnection:
         elif ex._out:
             ex.flush_client()
 
-    def _fast_head(self, ex: Exchange, head: tuple[int, bool, bool, list[bytes], int, int],
+    def _fast_head(self, ex: Exchange, head: tuple[int, bool, bool, bytes, int, int],
                    data: bytes) -> bool:
-        """A response head from fasthead.parse_response: its fields through on_header
-        and its end through _head_done, as with httptools; then the body bytes in
-        ``data``.  False (nothing done) for a body delimited by the connection's close,
-        which httptools reads."""
-        status, http11, keep_alive, headers, body_start, length = head
+        """A response head from fasthead.parse_response, its end-to-end header lines
+        already one block (what on_header would have gathered, h1head.c), ended through
+        _head_done as with httptools; then the body bytes in ``data``.  False (nothing
+        done) for a body delimited by the connection's close, which httptools reads."""
+        status, http11, keep_alive, block, body_start, length = head
+        self._has_length = length >= 0
         if ex.head_only or status == 204 or status == 304:
             length = 0
         elif length < 0:
             return False
-        for i in range(0, len(headers), 2):
-            self.on_header(headers[i], headers[i + 1])
+        # (An HTTP/2 client's exchange reads the fields a name and value at a time.)
+        self._fields = split_block(block) if ex.client.h2 else [block]
         self._head_done(status, keep_alive)
         if self.exchange is not ex:
             return True
