@@ -19,6 +19,10 @@ Three measurements (bench/README.md, "Memory per idle connection"):
    in the proxy's pools.  Growth from after the first burst (which also pays for what
    any burst allocates and frees) to after the last, divided by the upstream
    connections added (counted from /proc, as are the client connections in 1).
+   poise is measured twice: *warm* (``keepalive_park_after: 0``: every idle
+   connection keeps its transport) and *parked* (``keepalive_park_after: 1s``, and
+   each point is read once /proc shows all its upstream connections parked:
+   memory_proc.parked).
 3. **poise's breakdown** (memory_inproc.py, poise's data plane in a process of its
    own under tracemalloc): bytes per connection by type, by allocation size and site,
    and the objects one idle connection holds exclusively; once compiled (what runs)
@@ -57,6 +61,10 @@ REPO = BENCH_DIR.parent
 PROXIES = ("poise", "haproxy", "nginx")
 WARMUP = 256            # connections (one GET each, then closed) before measuring
 SLOW_DELAY = 0.5        # seconds memory_backend.py takes to answer /slow
+PARK_AFTER = "1s"       # poise's keepalive_park_after in the parked upstream sample
+PARK_WAIT = 15.0        # seconds a burst's connections may take to be seen parked
+# poise's two upstream samples: keepalive_park_after 0, and PARK_AFTER.
+WARM, PARKED = "poise (warm)", "poise (parked)"
 
 
 def log(msg: str) -> None:
@@ -109,7 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def start_proxy(stack: ExitStack, name: str, root: Path, layout, args) -> procs.Service:
     """A fresh proxy for one sample (stopped by the caller, or by the stack)."""
     argv = memory_configs.argv(name, root, layout, args.poise_cmd)
-    svc = procs.Service(name, argv, root / f"{name}.log")
+    log_name = name if layout.park_after is None else f"{name}-park-{layout.park_after}"
+    svc = procs.Service(name, argv, root / f"{log_name}.log")
     stack.callback(svc.stop)
     svc.start()
     svc.wait_ready([layout.port], args.start_timeout)
@@ -162,12 +171,30 @@ def clients_sample(stack, name, rnd, root, ports, args) -> dict:
     return sample
 
 
+def all_parked(svc, ports) -> dict:
+    """Wait until every upstream connection poise holds is parked; its /proc counts.
+    (Read from /proc rather than the admin API's gauge: serving /metrics several times
+    a burst grew poise's memory by a few hundred bytes per connection measured.)"""
+    deadline = time.monotonic() + PARK_WAIT
+    while True:
+        socks = memory_proc.sockets(svc.pid, ports["proxy"], [ports["slow"]])
+        parked = memory_proc.parked(svc.pid, [ports["slow"]])
+        if parked == socks["upstreams"] or time.monotonic() > deadline:
+            return {**socks, "parked": parked}
+        time.sleep(0.2)
+
+
 def upstreams_sample(stack, name, rnd, root, ports, args) -> dict:
-    """Measurement 2 for one proxy: memory per idle pooled upstream connection."""
+    """Measurement 2 for one proxy (``name``: haproxy, nginx, or poise's WARM or
+    PARKED): memory per idle pooled upstream connection."""
     w, bursts, port = args.burst, args.upstreams // args.burst, ports["proxy"]
-    layout = memory_configs.Layout(port=port, app=(ports["slow"],), pools=bursts,
-                                   pool_port=ports["slow"], pool_size=w, clients=w)
-    svc = start_proxy(stack, name, root, layout, args)
+    parked = name == PARKED
+    proxy = "poise" if name in (WARM, PARKED) else name
+    layout = memory_configs.Layout(
+        port=port, app=(ports["slow"],), pools=bursts, pool_port=ports["slow"],
+        pool_size=w, clients=w,
+        park_after=None if proxy != "poise" else PARK_AFTER if parked else "0")
+    svc = start_proxy(stack, proxy, root, layout, args)
     sample: dict = {"proxy": name, "round": rnd, "burst": w, "points": []}
     try:
         for k in range(bursts):
@@ -175,8 +202,9 @@ def upstreams_sample(stack, name, rnd, root, ports, args) -> dict:
                 port, w, f"/p{k}/slow", connecting=w, in_flight=w,
                 timeout=30 + 10 * SLOW_DELAY))
             time.sleep(max(0.3, args.settle / 3))
-            point = {"burst": k + 1, **memory_proc.memory(svc.pid),
-                     **memory_proc.sockets(svc.pid, port, [ports["slow"]])}
+            socks = all_parked(svc, ports) if parked else \
+                memory_proc.sockets(svc.pid, port, [ports["slow"]])
+            point = {"burst": k + 1, **memory_proc.memory(svc.pid), **socks}
             sample["points"].append(point)
         first, last = sample["points"][0], sample["points"][-1]
         added = last["upstreams"] - first["upstreams"]
@@ -188,6 +216,9 @@ def upstreams_sample(stack, name, rnd, root, ports, args) -> dict:
             problems.append(f"{added} upstream connections stayed of {(bursts - 1) * w} opened")
         if last["foreign"] > added / 100:
             problems.append(f"{last['foreign']} connections from elsewhere on the machine")
+        if parked and any(p["parked"] != p["upstreams"] for p in (first, last)):
+            problems.append(f"not all parked: {first['parked']} of {first['upstreams']}, "
+                            f"then {last['parked']} of {last['upstreams']}")
         sample["ok"] = not problems
         if problems:
             sample["error"] = "; ".join(problems)
@@ -270,8 +301,9 @@ def benchmark(args, stack: ExitStack, result: dict) -> None:
             result["clients"].append(guarded("clients", clients_sample, stack, name, rnd,
                                              root, ports, args, failures))
         for name in order:
-            result["upstreams"].append(guarded("upstreams", upstreams_sample, stack, name,
-                                               rnd, root, ports, args, failures))
+            for label in (WARM, PARKED) if name == "poise" else (name,):
+                result["upstreams"].append(guarded("upstreams", upstreams_sample, stack,
+                                                   label, rnd, root, ports, args, failures))
     if "poise" in args.only and not args.no_inproc:
         result["inproc"] = {"compiled": inproc(ports, args, False),
                             "interpreted": inproc(ports, args, True)}
@@ -303,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": {}, "clients": [], "upstreams": [], "inproc": {},
     }
     result["settings"].update(warmup=WARMUP, slow_delay=SLOW_DELAY,
-                              bursts=args.upstreams // args.burst)
+                              bursts=args.upstreams // args.burst, park_after=PARK_AFTER)
     if not procs.run_cleanly(lambda stack: benchmark(args, stack, result), log):
         return 130
     result["elapsed_s"] = round((datetime.now(UTC) - started).total_seconds(), 1)

@@ -41,6 +41,9 @@ class Layout:
     pool_port: int = 0          # the backend of those routes
     pool_size: int = 64         # idle connections each pool may keep (nginx, poise)
     clients: int = 10_000       # client connections the proxy must accept
+    # poise: keepalive_park_after of every cluster (None: poise's default, 5 s; "0":
+    # never park).
+    park_after: str | None = None
 
     @property
     def prefixes(self) -> list[str]:
@@ -65,11 +68,14 @@ def _poise(root: Path, lay: Layout, cmd: str) -> list[str]:
 
 
 def poise_yaml(lay: Layout) -> str:
-    """workers: 1, metrics on, no access log (the defaults, as templates/poise.yaml)."""
+    """workers: 1, metrics on, no access log (the defaults, as templates/poise.yaml);
+    ``keepalive_park_after`` as ``lay`` says."""
     routes = "".join(f"      - match: {{path_prefix: {p}}}\n        cluster: c{i}\n"
                      for i, p in enumerate(lay.prefixes))
     pool = f"    keepalive_max_idle: {max(lay.pool_size, 1024)}\n" \
            f"    keepalive_idle_timeout: {IDLE}\n"
+    if lay.park_after is not None:
+        pool += f"    keepalive_park_after: {lay.park_after}\n"
     clusters = "".join(f"  - name: c{i}\n{pool}    backends:\n"
                        f"      - address: 127.0.0.1:{lay.pool_port}\n"
                        for i in range(lay.pools))

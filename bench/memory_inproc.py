@@ -11,7 +11,7 @@ object:
 - ``clients``: ``--connections`` connections, one GET each, then idle;
 - ``upstreams``: ``--bursts`` bursts of ``--burst`` concurrent slow requests, each to
   a route of its own (``/p1/`` …), so each leaves ``--burst`` idle connections in
-  another pool; the first burst (``/p0/``) is made before the first snapshot, so that
+  another pool (warm ones: ``keepalive_park_after: 0``, nothing is parked); the first burst (``/p0/``) is made before the first snapshot, so that
   what a burst allocates and frees is not counted, only what stays.
 
 For each, per connection: tracemalloc's growth of live memory (everything allocated
@@ -148,7 +148,8 @@ def main() -> None:
     args = p.parse_args()
     layout = memory_configs.Layout(port=args.port, app=(args.backend,),
                                    pools=args.bursts + 1, pool_port=args.backend,
-                                   pool_size=args.burst, clients=args.connections)
+                                   pool_size=args.burst, clients=args.connections,
+                                   park_after="0")     # (the breakdown of a warm one)
     config = parse_config(memory_configs.poise_yaml(layout))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -13,6 +13,9 @@
   port from our client (client connections) or from elsewhere, and those whose remote
   port is a backend's (upstream connections).  The benchmark checks its counts with them, so a proxy
   that quietly closed idle connections is caught, not measured as cheap.
+- :func:`parked` counts poise's parked upstream connections: upstream sockets whose
+  descriptors are watched by an epoll set of their own (poise's parking lot) rather
+  than by the event loop's, read from ``/proc/PID/fdinfo`` (``tfd:`` lines).
 """
 
 from __future__ import annotations
@@ -114,3 +117,40 @@ def sockets(root_pid: int, listen_port: int, backend_ports: list[int],
         elif remote_port in backends:
             upstreams += 1
     return {"clients": clients, "foreign": foreign, "upstreams": upstreams}
+
+
+def parked(root_pid: int, backend_ports: list[int]) -> int:
+    """Upstream connections of the tree (established, to one of ``backend_ports``)
+    parked by poise: registered in an epoll set that watches nothing else (its
+    parking lot's; the event loop's also watches listening and client sockets)."""
+    backends = set(backend_ports)
+    total = 0
+    for pid in procs.process_tree(root_pid):
+        fd_dir = f"/proc/{pid}/fd"
+        links: dict[int, str] = {}
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                links[int(name)] = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue
+        inodes = {int(v[8:-1]) for v in links.values() if v.startswith("socket:[")}
+        upstream = {inode for inode, (_, _, port) in _established(inodes).items()
+                    if port in backends}
+        upstream_fds = {fd for fd, v in links.items()
+                        if v.startswith("socket:[") and int(v[8:-1]) in upstream}
+        for fd, v in links.items():
+            if v != "anon_inode:[eventpoll]":
+                continue
+            try:
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            except OSError:
+                continue
+            targets = {int(line.split()[1]) for line in info.splitlines()
+                       if line.startswith("tfd:")}
+            if targets and targets <= upstream_fds:
+                total += len(targets)
+    return total

@@ -126,10 +126,18 @@ def render(result: dict) -> str:
     lines += [f"## Idle pooled upstream connections ({s['bursts']} bursts of {s['burst']} "
               f"concurrent slow requests, each to a pool of its own)", ""]
     lines += _figures(result, "upstreams", s["rounds"])
-    poise_u = summary["upstreams"].get("poise", {}).get("rss")
-    lines += ["", f"**poise per idle upstream connection: {_verdict(poise_u, UPSTREAM_GOAL)}** "
+    ups = summary["upstreams"]
+    # (Results from before parking have one "poise" row: a warm connection.)
+    warm = (ups.get("poise (warm)") or ups.get("poise") or {}).get("rss")
+    parked = ups.get("poise (parked)", {}).get("rss")
+    lines += ["", f"**poise per idle upstream connection, warm: "
+              f"{_verdict(warm, UPSTREAM_GOAL)}; parked: {_verdict(parked, UPSTREAM_GOAL)}** "
               f"(median RSS, from after the first burst to after the last, over the "
-              f"upstream connections added).", "",
+              f"upstream connections added). *warm*: `keepalive_park_after: 0`, every "
+              f"idle connection keeps its transport; *parked*: `keepalive_park_after: "
+              f"{s.get('park_after', '1s')}`, each figure read once all the idle "
+              f"connections were parked (only their sockets kept: see "
+              f"docs/operations.md).", "",
               "RSS is what the issue's goals are stated in. To compare proxies, private "
               "dirty memory (`Private_Dirty`) is the fairer figure: nginx's worker copies "
               "pages it shared with its master when it writes them, which its RSS does "

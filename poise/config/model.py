@@ -280,6 +280,9 @@ class Cluster(Strict):
     # Idle upstream keep-alive connections kept per backend and per worker.
     keepalive_max_idle: int = Field(1024, ge=0)
     keepalive_idle_timeout: Duration = 60.0
+    # An idle plain HTTP/1.1 connection unused this long is parked: only its socket is
+    # kept, until a request revives it (poise.proxy.http.parking); 0 = never.
+    keepalive_park_after: Duration = 5.0
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = None
     # Below this fraction of ready backends, all non-ejected backends are used as if

@@ -19,7 +19,8 @@ tuples whose first item names the series (JSON turns them into lists)::
 Gauges, whole each time::
 
     ("open", listener)  ("in_flight", cluster, backend)  ("idle", cluster, backend)
-    ("active", cluster, backend)  ("ejected", cluster, backend)  ("panic", cluster)
+    ("parked", cluster, backend)  ("active", cluster, backend)
+    ("ejected", cluster, backend)  ("panic", cluster)
     ("redis_up", redis)  ("redis_down", redis)
 
 A counter that went down belongs to an object built anew (a backend removed and
@@ -138,7 +139,8 @@ def _cluster_counters(flat: Flat, name: str, cluster: ClusterRuntime) -> None:
 
 def gauges(server: ProxyServer) -> Flat:
     """What ``server`` holds now: open client connections per listener, and per
-    backend requests in flight, idle and open upstream connections, ejection."""
+    backend requests in flight, idle (parked ones included), parked and open upstream
+    connections, ejection."""
     flat: Flat = {}
     for site in [*server.sites.values(), *server.retiring]:
         _add(flat, ("open", site.name), len(site.connections))
@@ -147,7 +149,11 @@ def gauges(server: ProxyServer) -> Flat:
         for pool in _pools(cluster):
             address = pool.backend.address
             _add(flat, ("in_flight", name, address), pool.stats.in_flight)
-            _add(flat, ("idle", name, address), len(pool.idle))
+            # (Parked connections are idle ones too, kept as bare sockets: counted in
+            # both.)
+            parked = len(pool.parked)
+            _add(flat, ("idle", name, address), len(pool.idle) + parked)
+            _add(flat, ("parked", name, address), parked)
             _add(flat, ("active", name, address), pool.active)
             ejected = HealthFlag.OUTLIER_EJECTED in cluster.health.flags(pool.backend)
             _add(flat, ("ejected", name, address), 1 if ejected else 0)

@@ -28,10 +28,12 @@ SLACK: Final = 0.001
 class Timeouts:
     """Armed deadlines by bucket, and the loop timer for the earliest bucket."""
 
-    __slots__ = ("loop", "_buckets", "_ticks", "_handle", "_armed_tick")
+    __slots__ = ("loop", "clock", "_buckets", "_ticks", "_handle", "_armed_tick")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # loop.time, bound once: calling it skips a method lookup per deadline set
+        self.clock: Callable[[], float] = loop.time
         # bucket number → its deadlines (a dict: O(1) removal, insertion order)
         self._buckets: dict[int, dict[Deadline, None]] = {}
         self._ticks: list[int] = []         # heap of the bucket numbers in _buckets
@@ -96,14 +98,14 @@ class Deadline:
 
     def set(self, timeout: float) -> None:
         """Expire ``timeout`` seconds from now (replacing any earlier deadline)."""
-        when = self.when = self._timeouts.loop.time() + timeout
+        when = self.when = self._timeouts.clock() + timeout
         if not self._tick or when < self._armed_for:
             self._arm(when)
 
     def push(self, timeout: float) -> None:
         """Like ``set``, for callers whose new deadline is never earlier than one already
         armed (the same timeout again and again): no timer work unless none is armed."""
-        when = self.when = self._timeouts.loop.time() + timeout
+        when = self.when = self._timeouts.clock() + timeout
         if not self._tick:
             self._arm(when)
 

@@ -14,6 +14,7 @@ from poise.control.state import Member
 from poise.observability.access_log import AccessLogger, AccessLogs
 from poise.observability.tracing import Tracer
 from poise.proxy.acceptor import ProxyProtocolServer, listening_socket
+from poise.proxy.http.parking import close_lot
 from poise.proxy.http.protocol import ClientConnection
 from poise.proxy.http.site import ClusterRuntime, Site
 from poise.proxy.http2.sniff import Http2Sniffer
@@ -323,6 +324,9 @@ class ProxyServer:
         self.warm.close()
         for cluster in self.clusters.values():
             cluster.stop()
+        # (Pools closed their parked connections above: this closes any left over,
+        # and the lot's own epoll set.)
+        close_lot(self.loop)
         await self.access_logs.close()
         self.limiters.close()
         if self.tracer is not None:

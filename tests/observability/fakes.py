@@ -16,7 +16,7 @@ def fake_server():
     site = SimpleNamespace(name="web", accepted=0, bytes_in=0, bytes_out=0, served={},
                            rejected={}, connections=set(), last_served=Counts())
     backend = type("Backend", (), {"address": "h:1"})()     # (hashable, as a Backend)
-    pool = SimpleNamespace(backend=backend, tries=Tries(), idle=[], active=0,
+    pool = SimpleNamespace(backend=backend, tries=Tries(), idle=[], parked=[], active=0,
                            stats=SimpleNamespace(in_flight=0))
     health = SimpleNamespace(ejections={}, panic=False, flags=lambda b: HealthFlag(0))
     cluster = SimpleNamespace(retries=0, limits=None, health=health, pools={backend: pool},

@@ -12,7 +12,7 @@ read or write).
 
 from __future__ import annotations
 
-from time import monotonic
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from poise.errors import (
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
     from poise.proxy.http.site import Site
 
+# (Final: a C static when compiled, not a module dict lookup per call.)
+monotonic: Final = time.monotonic
 # The ``code`` of an upstream try that ended without a response (reset, timeout,
 # connect failure, malformed response): "error" in the exposition.
 NO_RESPONSE: Final = 0

@@ -29,6 +29,7 @@ from poise.core.health import HealthFlag
 from poise.core.limits import ClusterLimits
 from poise.core.outlier import Outcome, OutlierDetector
 from poise.core.policies import Picker, build_picker, create_policy
+from poise.core.policies.rotation import RotationPicker
 from poise.core.retry import RetryBudget
 from poise.errors import NoBackendAvailable
 from poise.proxy.http.pool import UpstreamPool
@@ -262,6 +263,12 @@ class ClusterRuntime:
         per_try = spec.retries.per_try_timeout if spec.retries is not None else None
         pool.max_idle = spec.keepalive_max_idle
         pool.idle_timeout = spec.keepalive_idle_timeout
+        # Only plain HTTP/1.1 connections are parked (see pool.py); those parked before
+        # a reload to TLS, PROXY headers or HTTP/2 must not be revived as they are.
+        plain = self.tls_context is None and self.send_proxy_protocol is None and not self.h2
+        pool.park_after = spec.keepalive_park_after if plain else 0.0
+        if not plain:
+            pool.close_parked()
         pool.connect_timeout = spec.connect_timeout
         pool.response_timeout = per_try or spec.response_header_timeout
 
@@ -281,6 +288,8 @@ class ClusterRuntime:
         picker = self.picker
         if picker is None:
             raise NoBackendAvailable(f"cluster {self.name}: no healthy backend")
+        if isinstance(picker, RotationPicker):  # (round robin: a native call when compiled)
+            return self._pool_of[id(picker.pick(None))]
         return self._pool_of[id(picker.pick(ex.context() if self.needs_context else None))]
 
     def fallback(self, ex: Any, tried: list[UpstreamPool]) -> UpstreamPool | None:
@@ -340,7 +349,12 @@ class ClusterRuntime:
 
     def free_idle_connection(self) -> None:
         """Close the longest-idle connection of any backend: a request waits for the
-        cluster's connection limit while connections sit idle elsewhere."""
+        cluster's connection limit while connections sit idle elsewhere.  Parked ones
+        go first (the longest parked): a warm one would serve sooner."""
+        parked = [p for p in self.pools.values() if p.parked]
+        if parked:
+            min(parked, key=lambda p: p.parked_since[0]).close_oldest_parked()
+            return
         oldest: Any = None
         idle: Any
         for pool in self.pools.values():

@@ -10,7 +10,7 @@ side are collected in a list and written once per read (``flush_upstream`` /
 
 from __future__ import annotations
 
-from time import monotonic
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from poise.core import retry
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from poise.proxy.http.site import ClusterRuntime
     from poise.proxy.http.upstream import UpstreamConnection
 
+# (Final: a C static when compiled, not a module dict lookup per call.)
+monotonic: Final = time.monotonic
 IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.

@@ -13,18 +13,28 @@ connections: it waits in the pool's idle list like any other (so ``max_idle``,
 (:meth:`UpstreamPool.take_idle`, the exchange's ``idle.pop()``) is only taken by
 clusters that send no header, so it never meets a private connection and pays nothing
 for them; the exchange decides between the two with one attribute check.
+
+An idle connection unused for ``park_after`` seconds is *parked*
+(:mod:`poise.proxy.http.parking`): its transport is dropped and only its socket's file
+descriptor stays, in ``parked``, until :meth:`UpstreamPool.connect` revives it.  Only
+plain HTTP/1.1 connections are parked (the cluster sets ``park_after`` to 0 for the
+others: a TLS connection's state lives in its transport, a private one waits for one
+client, HTTP/2 pools keep their own connections).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from poise.core.backend import Backend, BackendStats
-from poise.proxy.deadline import Timeouts
+from poise.proxy.deadline import Deadline, Timeouts
 from poise.proxy.dial import connect_error, dial
 from poise.proxy.http.accounting import Tries
+from poise.proxy.http.parking import lot_for
 from poise.proxy.http.upstream import UpstreamConnection
 from poise.proxy.proxy_protocol import header_for
 
@@ -45,11 +55,19 @@ class UpstreamPool:
 
     ``owned`` maps a client connection to the connection last opened for it with a
     PROXY header (busy or idle; see the module docstring), empty for other clusters.
+
+    ``parked`` holds the file descriptors of parked connections, oldest first, and
+    ``parked_since`` (in step) when each was last released.  A parked connection is
+    still an open connection to the backend: it counts in ``active`` (so in the
+    connection limits), in ``stats.active_connections`` and, with the warm idle ones,
+    against ``max_idle`` and ``idle_timeout``.  ``park_after`` (seconds; 0, the default,
+    parks nothing) is set by the cluster (``keepalive_park_after``).
     """
 
     __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
-                 "failing", "requests", "errors", "tries", "owned", "h2", "timeouts")
+                 "failing", "requests", "errors", "tries", "owned", "h2", "timeouts",
+                 "parked", "parked_since", "park_after")
 
     def __init__(self, backend: Backend, stats: BackendStats, cluster: ClusterRuntime | None,
                  *, max_idle: int, idle_timeout: float, connect_timeout: float,
@@ -83,6 +101,10 @@ class UpstreamPool:
         # HTTP/2 clusters: this backend's connections and the requests waiting for one
         # (a poise.proxy.http2.upstream.H2Pool, made on first use), else None.
         self.h2: Any = None
+        # (Two deques of plain numbers: a parked connection keeps no object of its own.)
+        self.parked: deque[int] = deque()
+        self.parked_since: deque[float] = deque()
+        self.park_after = 0.0
 
     def take_idle(self) -> UpstreamConnection | None:
         """A pooled connection still open at both ends, or None."""
@@ -114,10 +136,50 @@ class UpstreamPool:
 
         ``owner`` is the client connection it is opened for: a cluster that sends PROXY
         headers names its address in the header (none given: ``UNKNOWN``/``LOCAL``),
-        and the connection is then private to it."""
+        and the connection is then private to it.
+
+        With parked connections, the one parked last is revived instead (no new
+        connection: nothing more counts against the limits); it is ``reused``, as a
+        pooled connection is, so a request it fails before any response byte is sent
+        again once (parked connections are of clusters without PROXY headers, so
+        ``owner`` does not matter to them)."""
+        if self.parked:
+            return self._revive(timeout)
         conn = UpstreamConnection(self)
         self.opening()
         return self._open(conn, timeout, owner)
+
+    def _revive(self, timeout: float | None) -> Awaitable[UpstreamConnection]:
+        """Take the warmest parked descriptor out of the lot (now, so that no other
+        request takes it) and start making a transport around it."""
+        self.parked_since.pop()
+        fd = self.parked.pop()
+        lot_for(self.loop).unpark(fd)
+        # (The socket object owns the descriptor until uvloop takes it over, which
+        # detaches it when the transport closes: closed exactly once either way.)
+        sock = socket.socket(fileno=fd)
+        # connection_made counts it again (it stayed counted while parked).
+        self.stats.active_connections -= 1
+        conn = UpstreamConnection(self)
+        conn.reused = True
+        return self._open_parked(conn, sock, timeout)
+
+    async def _open_parked(self, conn: UpstreamConnection, sock: socket.socket,
+                           timeout: float | None) -> UpstreamConnection:
+        limit = self.connect_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.loop.create_connection(  # type: ignore[type-var]
+                    lambda: conn, sock=sock)
+        except BaseException as e:
+            if conn.transport is None:  # else its connection_lost does the accounting
+                sock.close()            # (no-op when uvloop closed and detached it)
+                self.closed()
+            error = connect_error(e, self.backend.address)
+            if error is None:
+                raise
+            raise error from None
+        return conn
 
     async def _open(self, conn: UpstreamConnection, timeout: float | None,
                     owner: Any) -> UpstreamConnection:
@@ -177,7 +239,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange completed cleanly."""
-        if not conn.usable or len(self.idle) >= self.max_idle:
+        if not conn.usable or len(self.idle) + len(self.parked) >= self.max_idle:
             conn.close()
             return
         if conn.reading_paused:     # an idle connection must read, to notice a close
@@ -185,16 +247,23 @@ class UpstreamPool:
         cluster = self.cluster
         if self.pending and cluster is not None and cluster.hand_over(self, conn):
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = self.timeouts.clock()
         self.idle.append(conn)
 
     def expire(self, now: float) -> None:
-        """Close idle connections unused for longer than ``idle_timeout``, and the
-        private ones whose client connection has closed (nobody may use them)."""
+        """Close idle connections (warm or parked) unused for longer than
+        ``idle_timeout``, and the private ones whose client connection has closed
+        (nobody may use them); then park those unused for longer than ``park_after``."""
         idle = self.idle
         cutoff = now - self.idle_timeout
         while idle and idle[0].idle_since < cutoff:
             idle.popleft().close()
+        since = self.parked_since
+        while since and since[0] < cutoff:
+            since.popleft()
+            self._close_parked(self.parked.popleft())
+        if self.park_after > 0.0 and idle:
+            self._park_idle(now - self.park_after)
         if self.h2 is not None:
             self.h2.expire(now)
         owned = self.owned
@@ -206,6 +275,68 @@ class UpstreamPool:
                 else:
                     conn.usable = False     # closed when its exchange releases it
 
+    def _park_idle(self, cutoff: float) -> None:
+        """Park the idle connections released before ``cutoff`` (the oldest are at the
+        left of ``idle``, and older than any warm one are parked already, so
+        ``parked`` stays in release order)."""
+        idle = self.idle
+        lot = lot_for(self.loop)
+        while idle and idle[0].idle_since < cutoff:
+            conn = idle.popleft()
+            transport = conn.transport
+            if not conn.usable or transport is None or transport.get_write_buffer_size():
+                conn.close()        # (closing, or out of step: not worth keeping)
+                continue
+            fd = -1
+            try:
+                # (uvloop's socket here is a stand-in that does not own the descriptor.)
+                fd = os.dup(transport.get_extra_info("socket").fileno())
+                lot.park(self, fd)
+            except OSError:         # out of descriptors: stays warm until the next sweep
+                if fd >= 0:
+                    os.close(fd)
+                idle.appendleft(conn)
+                return
+            # Its transport goes, its socket stays open through ``fd``: the abort closes
+            # only uvloop's descriptor, so the backend sees neither FIN nor RST, and
+            # connection_lost counts nothing for a parked connection.
+            conn.parked = True
+            conn.usable = False
+            conn.deadline.cancel()
+            transport.abort()
+            # The object is done with: let it go as soon as uvloop does (after the
+            # abort's connection_lost).  Its deadline and its parser (if made) call
+            # back into it, cycles that only a full garbage collection would free,
+            # seconds or minutes later (with the transport it refers to): cut them.
+            conn.transport = None
+            conn.parser = None
+            conn.deadline = Deadline(self.timeouts, _nothing)
+            self.parked.append(fd)
+            self.parked_since.append(conn.idle_since)
+
+    def parked_closed(self, fd: int) -> None:
+        """The parking lot closed parked descriptor ``fd`` (the backend closed the
+        connection, reset it or sent bytes unasked): account for it as for an idle
+        connection that closed."""
+        i = self.parked.index(fd)
+        del self.parked[i]
+        del self.parked_since[i]
+        self._parked_gone()
+
+    def _close_parked(self, fd: int) -> None:
+        """Close parked descriptor ``fd``, already taken out of ``parked``."""
+        lot_for(self.loop).discard(fd)
+        self._parked_gone()
+
+    def _parked_gone(self) -> None:
+        self.stats.active_connections -= 1
+        self.closed()
+
+    def close_oldest_parked(self) -> None:
+        """Close the connection parked longest (there must be one)."""
+        self.parked_since.popleft()
+        self._close_parked(self.parked.popleft())
+
     def disown(self) -> None:
         """The cluster stopped or started sending PROXY headers: no connection opened
         before may be reused (idle ones close now, busy ones when released)."""
@@ -215,10 +346,25 @@ class UpstreamPool:
         self.close_idle()
 
     def close_idle(self) -> None:
+        """Close every idle connection, warm and parked."""
         while self.idle:
             self.idle.pop().close()
+        self.close_parked()
         if self.h2 is not None:
             self.h2.close_idle()
 
+    def close_parked(self) -> None:
+        """Close every parked connection (e.g. the cluster now uses TLS: a parked
+        descriptor would be revived in the clear)."""
+        while self.parked:
+            self.parked_since.pop()
+            self._close_parked(self.parked.pop())
+
     def __repr__(self) -> str:
-        return f"<UpstreamPool {self.backend.address} active={self.active} idle={len(self.idle)}>"
+        parked = f" parked={len(self.parked)}" if self.parked else ""
+        return (f"<UpstreamPool {self.backend.address} active={self.active} "
+                f"idle={len(self.idle)}{parked}>")
+
+
+def _nothing() -> None:
+    """The deadline of a parked connection's object (never set)."""

@@ -107,7 +107,8 @@ async def _connect_failing_over(ex: Exchange,
     if ex.finished:
         pool.release(conn)      # the client went away while we connected
         return
-    conn.reused = False
+    # (``conn.reused`` as connect made it: False for a new connection, True for a
+    # revived parked one, which may have died while parked like any pooled one.)
     ex._attach(conn)
     ex.flush_upstream()
 
@@ -148,10 +149,13 @@ def fail_over(ex: Exchange, pool: UpstreamPool, error: PoiseError,
 
 
 def may_connect(ex: Exchange) -> bool:
-    """True when a new connection to ``ex.pool`` is within the limits; otherwise
-    wait in the cluster's queue (or answer 503 when the queue is full)."""
+    """True when a new connection to ``ex.pool`` is within the limits, or the pool
+    has a parked connection to revive; otherwise wait in the cluster's queue (or
+    answer 503 when the queue is full)."""
     cluster = ex.cluster
     pool = ex.pool
+    if pool.parked:
+        return True     # connecting revives a parked connection: none is added
     limits = cluster.limits
     assert limits is not None       # (called only for a cluster with limits)
     blocked = limits.can_connect(pool.active, pool.max_connections)

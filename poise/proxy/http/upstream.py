@@ -44,7 +44,8 @@ class UpstreamConnection:
     __slots__ = ("pool", "transport", "exchange", "parser", "usable", "reused", "_slow",
                  "_body_left",
                  "reading_paused", "idle_since", "deadline", "owner", "_fields", "_has_length",
-                 "_te", "_connection", "_done", "_head_only", "_keep_alive", "_status")
+                 "_te", "_connection", "_done", "_head_only", "_keep_alive", "_status",
+                 "parked")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -73,6 +74,8 @@ class UpstreamConnection:
         self._head_only = False     # ended at the head: reset the parser afterwards
         self._keep_alive = False
         self._status = 0
+        # Its pool parked it (pool.py): the transport went, the socket lives on.
+        self.parked = False
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -85,6 +88,10 @@ class UpstreamConnection:
         self.pool.stats.active_connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.parked:
+            # Only the transport closed: the connection is open, parked in its pool
+            # (still counted there), and this object is done with.
+            return
         self.usable = False
         pool = self.pool
         pool.stats.active_connections -= 1
