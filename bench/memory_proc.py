@@ -48,21 +48,26 @@ def memory(root_pid: int) -> dict[str, int]:
     return out
 
 
+def _fd_links(pid: int) -> dict[int, str]:
+    """Process ``pid``'s open descriptors and what they point to (empty if it exited)."""
+    fd_dir = f"/proc/{pid}/fd"
+    links: dict[int, str] = {}
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return links
+    for name in names:
+        try:
+            links[int(name)] = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue
+    return links
+
+
 def _socket_inodes(root_pid: int) -> set[int]:
     inodes = set()
     for pid in procs.process_tree(root_pid):
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for name in names:
-            try:
-                target = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
+        inodes |= {int(v[8:-1]) for v in _fd_links(pid).values() if v.startswith("socket:[")}
     return inodes
 
 
@@ -126,17 +131,7 @@ def parked(root_pid: int, backend_ports: list[int]) -> int:
     backends = set(backend_ports)
     total = 0
     for pid in procs.process_tree(root_pid):
-        fd_dir = f"/proc/{pid}/fd"
-        links: dict[int, str] = {}
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for name in names:
-            try:
-                links[int(name)] = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
+        links = _fd_links(pid)
         inodes = {int(v[8:-1]) for v in links.values() if v.startswith("socket:[")}
         upstream = {inode for inode, (_, _, port) in _established(inodes).items()
                     if port in backends}

@@ -120,6 +120,13 @@ class Deadline:
             self._timeouts.remove(self, self._tick)
             self._tick = 0
 
+    def detach(self) -> None:
+        """Cancel, and forget the callback for good (its owner is closed).  The
+        callback is usually a method of the owner, which holds this deadline: a cycle
+        that only a full garbage collection would free, with all the owner holds."""
+        self.cancel()
+        self._on_expire = _nothing
+
     def _arm(self, when: float) -> None:
         timeouts = self._timeouts
         if self._tick:
@@ -143,3 +150,7 @@ class Deadline:
 
     def __repr__(self) -> str:
         return f"<Deadline when={self.when}>"
+
+
+def _nothing() -> None:
+    """A detached deadline's callback."""

@@ -168,3 +168,36 @@ def test_many_deadlines_with_mixed_timeouts_fire_in_time_order() -> None:
     for name, when in expected.items():
         assert on_time(fired_at[name], when), name
     assert timeouts.pending() == 0 and loop.live_timers() == 0
+
+
+def test_a_detached_deadline_forgets_its_callback_and_never_fires() -> None:
+    """Owners detach their deadline when they close: its callback (a method of the
+    owner) would otherwise keep a cycle alive until a full garbage collection."""
+    import gc
+    import weakref
+
+    class Owner:
+        def __init__(self, timeouts: Timeouts) -> None:
+            self.fired = 0
+            self.deadline = Deadline(timeouts, self.expired)
+
+        def expired(self) -> None:
+            self.fired += 1
+
+    loop = FakeLoop()
+    timeouts = Timeouts(loop)
+    owner = Owner(timeouts)
+    owner.deadline.set(1.0)
+    deadline = owner.deadline
+    owner.deadline.detach()
+    deadline.set(0.5)               # (a late set after the close: fires nothing)
+    fired = owner.fired
+    ref = weakref.ref(owner)
+    gc.disable()
+    try:
+        del owner
+        assert ref() is None, "a detached deadline must not keep its owner alive"
+    finally:
+        gc.enable()
+    loop.advance(2.0)
+    assert fired == 0 and timeouts.pending() == 0

@@ -31,7 +31,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from poise.core.backend import Backend, BackendStats
-from poise.proxy.deadline import Deadline, Timeouts
+from poise.proxy.deadline import Timeouts
 from poise.proxy.dial import connect_error, dial
 from poise.proxy.http.accounting import Tries
 from poise.proxy.http.parking import lot_for
@@ -310,7 +310,7 @@ class UpstreamPool:
             # seconds or minutes later (with the transport it refers to): cut them.
             conn.transport = None
             conn.parser = None
-            conn.deadline = Deadline(self.timeouts, _nothing)
+            conn.deadline.detach()
             self.parked.append(fd)
             self.parked_since.append(conn.idle_since)
 
@@ -364,7 +364,3 @@ class UpstreamPool:
         parked = f" parked={len(self.parked)}" if self.parked else ""
         return (f"<UpstreamPool {self.backend.address} active={self.active} "
                 f"idle={len(self.idle)}{parked}>")
-
-
-def _nothing() -> None:
-    """The deadline of a parked connection's object (never set)."""

@@ -135,7 +135,7 @@ class ClientConnection(Downstream):
         if held is not None:
             self._held = None
             self._guard.release(held)
-        self.deadline.cancel()
+        self.deadline.detach()      # (freed by reference counting, not the GC)
         self.site.connections.discard(self)
         if self.current is not None:
             self.current.abandon()

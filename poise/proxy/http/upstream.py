@@ -95,7 +95,7 @@ class UpstreamConnection:
         self.usable = False
         pool = self.pool
         pool.stats.active_connections -= 1
-        self.deadline.cancel()
+        self.deadline.detach()      # (freed by reference counting, not the GC)
         ex = self.exchange
         if ex is None:
             # Closed while idle: out of the idle list now, so that it neither counts
