@@ -186,13 +186,7 @@ def test_accepted_requests_mean_what_llhttp_says(head: bytes, offset: int) -> No
     # What the Python path makes of llhttp's fields, and of the C parser's sorting.
     reference = python_sorted(rec.headers)
     sorted_fast = new_head()
-    sorted_fast.fields = fields
-    sorted_fast.host = host
-    sorted_fast.expect_continue = expect_continue
-    if length >= 0:
-        sorted_fast.set_content_length(length)
-    for i in range(0, len(watched), 2):
-        sorted_fast.add_watched(watched[i], watched[i + 1])
+    sorted_fast.take_sorted(fields, watched, host, expect_continue, length)
     assert head_state(sorted_fast) == head_state(reference)
     first_line_end = head.index(b"\r\n") + 2
     assert header_block == body_start - offset - first_line_end - 2

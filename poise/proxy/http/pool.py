@@ -152,8 +152,7 @@ class UpstreamPool:
     def _revive(self, timeout: float | None) -> Awaitable[UpstreamConnection]:
         """Take the warmest parked descriptor out of the lot (now, so that no other
         request takes it) and start making a transport around it."""
-        self.parked_since.pop()
-        fd = self.parked.pop()
+        fd = self._take_parked(newest=True)
         lot_for(self.loop).unpark(fd)
         # (The socket object owns the descriptor until uvloop takes it over, which
         # detaches it when the transport closes: closed exactly once either way.)
@@ -162,40 +161,29 @@ class UpstreamPool:
         self.stats.active_connections -= 1
         conn = UpstreamConnection(self)
         conn.reused = True
-        return self._open_parked(conn, sock, timeout)
-
-    async def _open_parked(self, conn: UpstreamConnection, sock: socket.socket,
-                           timeout: float | None) -> UpstreamConnection:
-        limit = self.connect_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                await self.loop.create_connection(  # type: ignore[type-var]
-                    lambda: conn, sock=sock)
-        except BaseException as e:
-            if conn.transport is None:  # else its connection_lost does the accounting
-                sock.close()            # (no-op when uvloop closed and detached it)
-                self.closed()
-            error = connect_error(e, self.backend.address)
-            if error is None:
-                raise
-            raise error from None
-        return conn
+        return self._open(conn, timeout, None, sock)
 
     async def _open(self, conn: UpstreamConnection, timeout: float | None,
-                    owner: Any) -> UpstreamConnection:
+                    owner: Any, sock: socket.socket | None = None) -> UpstreamConnection:
+        """Connect ``conn`` (or, with ``sock``, a revived parked socket: no handshake)."""
         b = self.backend
         cluster = self.cluster
         limit = self.connect_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                if cluster is None or (cluster.tls_context is None
-                                       and cluster.send_proxy_protocol is None):
+                if sock is not None:
+                    await self.loop.create_connection(  # type: ignore[type-var]
+                        lambda: conn, sock=sock)
+                elif cluster is None or (cluster.tls_context is None
+                                         and cluster.send_proxy_protocol is None):
                     await self.loop.create_connection(  # type: ignore[type-var]
                         lambda: conn, b.host, b.port)
                 else:
                     await self._dial(conn, cluster, owner, limit)
         except BaseException as e:
             if conn.transport is None:  # else its connection_lost does the accounting
+                if sock is not None:
+                    sock.close()        # (no-op when uvloop closed and detached it)
                 self.closed()
             error = connect_error(e, b.address)
             if error is None:
@@ -260,8 +248,7 @@ class UpstreamPool:
             idle.popleft().close()
         since = self.parked_since
         while since and since[0] < cutoff:
-            since.popleft()
-            self._close_parked(self.parked.popleft())
+            self._close_parked(self._take_parked(newest=False))
         if self.park_after > 0.0 and idle:
             self._park_idle(now - self.park_after)
         if self.h2 is not None:
@@ -302,15 +289,14 @@ class UpstreamPool:
             # connection_lost counts nothing for a parked connection.
             conn.parked = True
             conn.usable = False
-            conn.deadline.cancel()
-            transport.abort()
             # The object is done with: let it go as soon as uvloop does (after the
             # abort's connection_lost).  Its deadline and its parser (if made) call
             # back into it, cycles that only a full garbage collection would free,
             # seconds or minutes later (with the transport it refers to): cut them.
+            conn.deadline.detach()
+            transport.abort()
             conn.transport = None
             conn.parser = None
-            conn.deadline.detach()
             self.parked.append(fd)
             self.parked_since.append(conn.idle_since)
 
@@ -323,6 +309,14 @@ class UpstreamPool:
         del self.parked_since[i]
         self._parked_gone()
 
+    def _take_parked(self, newest: bool) -> int:
+        """The newest (or oldest) parked descriptor, taken out of ``parked``."""
+        if newest:
+            self.parked_since.pop()
+            return self.parked.pop()
+        self.parked_since.popleft()
+        return self.parked.popleft()
+
     def _close_parked(self, fd: int) -> None:
         """Close parked descriptor ``fd``, already taken out of ``parked``."""
         lot_for(self.loop).discard(fd)
@@ -334,8 +328,7 @@ class UpstreamPool:
 
     def close_oldest_parked(self) -> None:
         """Close the connection parked longest (there must be one)."""
-        self.parked_since.popleft()
-        self._close_parked(self.parked.popleft())
+        self._close_parked(self._take_parked(newest=False))
 
     def disown(self) -> None:
         """The cluster stopped or started sending PROXY headers: no connection opened
@@ -357,8 +350,7 @@ class UpstreamPool:
         """Close every parked connection (e.g. the cluster now uses TLS: a parked
         descriptor would be revived in the clear)."""
         while self.parked:
-            self.parked_since.pop()
-            self._close_parked(self.parked.pop())
+            self._close_parked(self._take_parked(newest=True))
 
     def __repr__(self) -> str:
         parked = f" parked={len(self.parked)}" if self.parked else ""

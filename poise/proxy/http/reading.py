@@ -77,9 +77,9 @@ FastRequest = tuple[bytes, bytes, bool, bool, list[bytes], list[bytes], int, int
 
 def fast_head(conn: ClientConnection, head: FastRequest) -> int:
     """One request head from fasthead.parse_request: what the httptools callbacks do
-    from on_message_begin to on_headers_complete, in one go.  The C parser has done
-    on_header's sorting (h1head.c): only Connection and X-Forwarded-For fields go
-    through ``add_watched``.  Returns where its body (or the next message) starts."""
+    from on_message_begin to on_headers_complete, in one go (the C parser has sorted
+    the fields: RequestHead.take_sorted).  Returns where its body (or the next
+    message) starts."""
     (method, target, http11, keep_alive, fields, watched, body_start, length, header_block,
      host, expect_continue, count) = head
     site = conn.site
@@ -89,13 +89,7 @@ def fast_head(conn: ClientConnection, head: FastRequest) -> int:
     conn._url = target
     if len(target) > site.max_request_line:
         raise UriTooLong(f"request target longer than {site.max_request_line} bytes")
-    ex.fields = fields
-    ex.host = host
-    ex.expect_continue = expect_continue
-    if length >= 0:
-        ex.set_content_length(length)
-    for i in range(0, len(watched), 2):
-        ex.add_watched(watched[i], watched[i + 1])
+    ex.take_sorted(fields, watched, host, expect_continue, length)
     conn._header_count = count
     if header_block > site.max_header_size:
         raise HeadersTooLarge(f"header block larger than {site.max_header_size} bytes")
