@@ -14,7 +14,7 @@ $(BIN)/python:
 # their sources.
 HOT_PATH_SOURCES := $(wildcard poise/proxy/http/*.py poise/proxy/http/*.c) poise/proxy/deadline.py \
                     poise/observability/access_format.py poise/core/ratelimit.py \
-                    poise/core/policies/rotation.py
+                    poise/core/policies/rotation.py poise/core/backend_stats.py
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(HOT_PATH_SOURCES)
 	$(BIN)/pip install -q --upgrade pip

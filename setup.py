@@ -16,6 +16,7 @@ import os
 from setuptools import Extension, setup
 
 HOT_PATH = [
+    "poise/core/backend_stats.py",
     "poise/core/policies/rotation.py",
     "poise/core/ratelimit.py",
     "poise/observability/access_format.py",

@@ -59,10 +59,21 @@ def backend_nginx(root: Path, ports: list[int]) -> list[str]:
     return _nginx_argv(prefix, conf)
 
 
-def haproxy(root: Path, port: int, backends: list[int]) -> list[str]:
-    """HAProxy: one thread, http-reuse always, roundrobin over the backends."""
+# What poise's default forwarded_headers add, done by HAProxy (haproxy+xff).
+HAPROXY_FORWARDED = """\
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+"""
+
+
+def haproxy(root: Path, port: int, backends: list[int], forwarded: bool = False) -> list[str]:
+    """HAProxy: one thread, http-reuse always, roundrobin over the backends;
+    ``forwarded`` adds X-Forwarded-For/-Proto/-Host as poise does by default."""
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends, 1))
-    conf = render("haproxy.cfg", root / "haproxy.cfg", port=port, servers=servers)
+    name = "haproxy-xff.cfg" if forwarded else "haproxy.cfg"
+    conf = render("haproxy.cfg", root / name, port=port, servers=servers,
+                  forwarded=HAPROXY_FORWARDED if forwarded else "")
     return ["haproxy", "-f", str(conf), "-db"]
 
 

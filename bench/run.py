@@ -56,9 +56,14 @@ LIMITED = {
     "poise+limit": "    rate_limit: {rate: 1000000000/s}\n",
     "poise+global": "    rate_limit: {rate: 1000000000/s, burst: 1000000, scope: global, "
                     "redis: \"redis://127.0.0.1:$redis/0\"}\n",
+    # (not a limit) poise without X-Forwarded-For/-Proto/-Host, the work HAProxy's and
+    # nginx's configs here do: compare with "haproxy" for equal work both ways.
+    "poise-noxff": "    forwarded_headers: false\n",
 }
-PROXIES = ("poise", *OBSERVED, *LIMITED, "poise+checks", "poise-2w", "haproxy", "nginx",
-           *FLOORS)
+# haproxy+xff: HAProxy adding the three X-Forwarded-* headers poise adds by default
+# (`option forwardfor` and two set-header rules): equal work with "poise".
+PROXIES = ("poise", *OBSERVED, *LIMITED, "poise+checks", "poise-2w", "haproxy",
+           "haproxy+xff", "nginx", *FLOORS)
 # poise-base: another poise install (--baseline-cmd, e.g. a worktree of the previous
 # commit) in the same alternating rounds, for before/after comparisons of one change.
 BASELINE = "poise-base"
@@ -171,8 +176,8 @@ def proxy_argv(name: str, root: Path, port: int, backends: list[int], args) -> l
     if name in FLOORS:
         return [f"{REPO}/.venv/bin/python", str(BENCH_DIR / "floors.py"), name, str(port),
                 *map(str, backends)]
-    if name == "haproxy":
-        return configs.haproxy(root, port, backends)
+    if name.startswith("haproxy"):
+        return configs.haproxy(root, port, backends, forwarded=name == "haproxy+xff")
     return configs.nginx_proxy(root, port, backends)
 
 

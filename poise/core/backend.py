@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# (Compiled with the HTTP hot path, which counts in it per request: kept apart from
+# Backend, a frozen dataclass, which stays interpreted.)
+from poise.core.backend_stats import BackendStats
+
+__all__ = ["Backend", "BackendStats"]
+
 
 @dataclass(frozen=True, slots=True)
 class Backend:
@@ -39,23 +45,3 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.address} w={self.weight}>"
-
-
-class BackendStats:
-    """Live, per-worker counters for one backend; survive snapshot rebuilds.
-
-    Plain attributes, mutated by the data plane on the event loop thread only.
-    """
-
-    __slots__ = ("in_flight", "active_connections", "last_error_at", "ewma_rtt", "ewma_at")
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.active_connections = 0
-        self.last_error_at = 0.0
-        # Latency estimate kept by latency-aware policies (peak_ewma); 0.0 = no data.
-        self.ewma_rtt = 0.0
-        self.ewma_at = 0.0
-
-    def __repr__(self) -> str:
-        return f"<BackendStats in_flight={self.in_flight} conns={self.active_connections}>"

@@ -34,6 +34,21 @@ def test_counts_bucket_like_bisect_and_keep_every_code():
     assert bucket_of(0.0005) == 0 and bucket_of(0.00051) == 1 and bucket_of(61) == SIZE - 1
 
 
+def test_repeated_buckets_are_counted_and_folded_in_when_another_comes():
+    """(The latest bucket is counted natively until an observation falls elsewhere.)"""
+    counts = Counts()
+    expected = [0] * SIZE
+    runs = [(0.0001, 1000), (0.003, 1), (0.0001, 5), (1e9, 3), (0.0005, 2), (0.00051, 7)]
+    for seconds, times in runs:
+        for _ in range(times):
+            counts.observe(200, seconds)
+        expected[bisect_left(BOUNDS, seconds)] += times
+        assert counts.buckets == expected
+    snapshot = counts.buckets
+    snapshot[0] += 100                      # a copy: the counts are not changed
+    assert counts.buckets == expected
+
+
 def test_quantile_interpolates_within_its_bucket():
     counts = [0] * SIZE
     counts[2] = 100                         # all in (1 ms, 2.5 ms]

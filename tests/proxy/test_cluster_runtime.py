@@ -76,6 +76,23 @@ def test_every_backend_is_picked_when_all_are_ready(make):
     assert picks(rt, 12) == {9001: 4, 9002: 4, 9003: 4}
 
 
+@pytest.mark.parametrize("policy", ["round_robin", "least_conn"])
+def test_backends_added_and_removed_by_a_snapshot_are_picked_and_dropped(make, policy):
+    """(A new snapshot's picker comes before the new backend's pool: the round-robin
+    index over pools must follow both.)"""
+    rt = make(2, policy=policy)
+    a, b = members(rt)
+    c = Member("127.0.0.1", 9003)
+    rt.apply_members([_member(a), _member(b), c])
+    assert set(picks(rt)) == {a.port, b.port, 9003}
+    for _ in range(6):
+        pool = rt.choose(EX)
+        assert rt.pools[pool.backend] is pool
+    rt.apply_members([_member(b), Member("127.0.0.1", 9003, weight=2)])
+    assert picks(rt) == {b.port: 4, 9003: 8} if policy == "round_robin" else \
+        set(picks(rt)) == {b.port, 9003}
+
+
 def test_a_flagged_backend_is_never_picked_and_returns_when_cleared(make):
     rt = make(3)
     a, b, c = members(rt)

@@ -202,8 +202,8 @@ class TrackingClient(ClientConnection):
         super().__init__(site)
         self.exchanges: list = []
 
-    def _new_exchange(self) -> Exchange:     # (whichever parser reads the head)
-        ex = super()._new_exchange()
+    def _new_exchange(self, fields: list[bytes] | None = None) -> Exchange:
+        ex = super()._new_exchange(fields)      # (whichever parser reads the head)
         self.exchanges.append(ex)
         return ex
 

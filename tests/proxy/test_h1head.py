@@ -34,7 +34,10 @@ NAMES = [b"Host", b"host", b"Content-Length", b"content-LENGTH", b"Connection", 
          b"Proxy-Authorization", b"X-Forwarded-Proto", b"x-forwarded-host", b"Hosts",
          b"X-Forwarded-Fo", b"Expec", b"Tee", b"Connections"] * 3 + [
     b"Transfer-Encoding", b"Upgrade", b"Content-Length ", b" Host", b"X\x00Y", b"X Y",
-    b"x-\xe9", b"", b"\"q\""]
+    b"x-\xe9", b"", b"\"q\"",
+    # long names (scanned sixteen bytes at a time): other tchars and bad bytes late
+    b"X-Custom_Header.Name!", b"X-Request-Identifier-Of-The-Client",
+    b"X-Long-Header-Name-With A-Space", b"X-Sixteen-Bytes-\xe9-Name", b"X-0123456789abcdef:"]
 VALUES = [b"x", b"", b"  x  ", b"\tv\t", b"close", b"Close", b"keep-alive", b"Keep-Alive",
           b"KEEP-ALIVE", b"12", b"0", b"007", b"5 ", b" 5", b"caf\xc3\xa9", b"100-continue",
           b"a, b;q=1", b"100-Continue", b"100-continue \t", b"100-continued"] * 3 + [
@@ -303,3 +306,21 @@ def test_a_control_byte_anywhere_in_a_long_value_is_declined(bad: int) -> None:
     for clean in (b"\t" * 9, b"\x80\xff" * 9, b"x" * 17 + b"\t"):
         head = b"GET / HTTP/1.1\r\nA: b" + clean + b"\r\n\r\n"
         assert fasthead.parse_request(head, 0)[4] == [b"A", b": ", b"b" + clean, CRLF]
+
+
+def test_join_parts_joins_bytes_and_lists_in_order() -> None:
+    parts = (b"GET", b" ", [b"a", b"", b"bc"], [], b"", [b"\r\n"] * 3, b"end")
+    assert fasthead.join_parts(*parts) == b"GET abc\r\n\r\n\r\nend"
+    assert fasthead.join_parts(*parts) == fasthead._join_parts(*parts)
+    assert fasthead.join_parts() == b"" == fasthead._join_parts()
+    for bad in ((b"a", "text"), ([b"a", bytearray(b"b")],), ((b"a",),), (None,)):
+        with pytest.raises(TypeError):
+            fasthead.join_parts(*bad)
+
+
+def test_clock_is_time_monotonic_clock() -> None:
+    import time
+    before = time.monotonic()
+    now = fasthead.clock()
+    after = time.monotonic()
+    assert before - 1e-6 <= now <= after + 1e-6

@@ -24,10 +24,20 @@ class RotationPicker:
         self._size = len(schedule)
         self._next = 0
 
+    @property
+    def schedule(self) -> tuple[Backend, ...]:
+        """The backends in the order picks go through them (repeats for weights)."""
+        return self._schedule
+
     def pick(self, ctx: Any = None) -> Backend:
+        return self._schedule[self.pick_index()]
+
+    def pick_index(self) -> int:
+        """A pick as its position in :attr:`schedule` (for callers that keep something
+        per position: ClusterRuntime's pools)."""
         i = self._next
         self._next = i + 1 if i + 1 < self._size else 0
-        return self._schedule[i]
+        return i
 
     def candidates(self, ctx: Any = None) -> Iterator[Backend]:
         if not self._size:

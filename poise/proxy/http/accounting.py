@@ -12,7 +12,7 @@ read or write).
 
 from __future__ import annotations
 
-import time
+import math
 from typing import TYPE_CHECKING, Any, Final
 
 from poise.errors import (
@@ -24,13 +24,14 @@ from poise.errors import (
 )
 from poise.observability.access_format import HTTP2, HTTP10, HTTP11
 from poise.observability.buckets import BOUNDS, SIZE
+from poise.proxy.http import fasthead
 
 if TYPE_CHECKING:
     from poise.proxy.http.exchange import Exchange
     from poise.proxy.http.site import Site
 
 # (Final: a C static when compiled, not a module dict lookup per call.)
-monotonic: Final = time.monotonic
+monotonic: Final = fasthead.clock      # (time.monotonic's clock)
 # The ``code`` of an upstream try that ended without a response (reset, timeout,
 # connect failure, malformed response): "error" in the exposition.
 NO_RESPONSE: Final = 0
@@ -40,23 +41,32 @@ _REFERER: Final = b"referer"
 _USER_AGENT: Final = b"user-agent"
 # (A list, not the tuple: mypyc iterates a list natively.)
 _BOUNDS: Final[list[float]] = list(BOUNDS)
+# Each bucket's range (low, high]: the first from -inf, the last to +inf.
+_LOWS: Final[list[float]] = [-math.inf, *BOUNDS]
+_HIGHS: Final[list[float]] = [*BOUNDS, math.inf]
 
 
 class Counts:
     """Observations by status code and by latency bucket (seconds summed too).
 
-    Most traffic repeats one status, so the latest one is counted in native integers
-    (``code``, ``code_count``) and folded into ``codes`` only when another status
-    comes; readers take both (:meth:`by_code`).  Latency buckets: see
-    :mod:`poise.observability.buckets`."""
+    Most traffic repeats one status and one latency bucket, so the latest status and
+    the latest bucket are counted in native integers (``code``/``code_count``,
+    ``_bucket``/``_bucket_count``) and folded into ``codes`` and ``_buckets`` only when
+    another one comes; readers take both (:meth:`by_code`, :attr:`buckets`).  Latency
+    buckets: see :mod:`poise.observability.buckets`."""
 
-    __slots__ = ("codes", "code", "code_count", "buckets", "total")
+    __slots__ = ("codes", "code", "code_count", "_buckets", "_bucket", "_bucket_count",
+                 "_low", "_high", "total")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
         self.code = -1
         self.code_count = 0
-        self.buckets: list[int] = [0] * SIZE
+        self._buckets: list[int] = [0] * SIZE
+        self._bucket = 0
+        self._bucket_count = 0
+        self._low = _LOWS[0]        # the latest bucket's range: (_low, _high]
+        self._high = _HIGHS[0]
         self.total = 0.0
 
     def observe(self, code: int, seconds: float) -> None:
@@ -64,13 +74,31 @@ class Counts:
             self.code_count += 1
         else:
             self._switch(code)
+        if self._low < seconds <= self._high:
+            self._bucket_count += 1
+        else:
+            self._switch_bucket(seconds)
+        self.total += seconds
+
+    def _switch_bucket(self, seconds: float) -> None:
         i = 0
         for bound in _BOUNDS:       # (cheaper than bisect for a short list of floats)
             if seconds <= bound:
                 break
             i += 1
-        self.buckets[i] += 1
-        self.total += seconds
+        if self._bucket_count:
+            self._buckets[self._bucket] += self._bucket_count
+        self._bucket = i
+        self._bucket_count = 1
+        self._low = _LOWS[i]
+        self._high = _HIGHS[i]
+
+    @property
+    def buckets(self) -> list[int]:
+        """Every observation so far, per latency bucket (a new list)."""
+        out = list(self._buckets)
+        out[self._bucket] += self._bucket_count
+        return out
 
     def _switch(self, code: int) -> None:
         if self.code_count:

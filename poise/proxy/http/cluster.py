@@ -77,7 +77,7 @@ class ClusterRuntime:
                  "limits", "pending", "queue_timeout", "retry", "request_timeout",
                  "failure_statuses", "rng", "_release_timer", "_release_at", "guarded",
                  "_clock", "_retired", "members", "retries", "tls_context", "_stream_tls",
-                 "send_proxy_protocol", "h2")
+                 "send_proxy_protocol", "h2", "_rotor", "_rotation")
 
     def __init__(self, spec: Cluster, loop: asyncio.AbstractEventLoop,
                  members: Sequence[Member] | None = None) -> None:
@@ -107,6 +107,11 @@ class ClusterRuntime:
         # Keyed by identity: the picker returns this cluster's own Backend objects,
         # and id() skips hashing a dataclass on every request.
         self._pool_of: dict[int, UpstreamPool] = {}
+        self.picker: Picker | None = None      # (set by _use)
+        # The picker when it is a RotationPicker (else None), and the pool of each
+        # position of its schedule: a round-robin pick is then an index (_index_rotation).
+        self._rotor: RotationPicker | None = None
+        self._rotation: list[UpstreamPool] = []
         # Pools of removed backends whose connections are still open (limits count them).
         self._retired: list[UpstreamPool] = []
         # Resolved by _settle:
@@ -257,6 +262,23 @@ class ClusterRuntime:
         self._retired = [p for p in self._retired if p.active]
         self.pools = pools
         self._pool_of = {id(b): pool for b, pool in pools.items()}
+        self._index_rotation()
+
+    def _index_rotation(self) -> None:
+        """Index a RotationPicker's schedule by position (``_rotation``); until every
+        backend of it has a pool (a snapshot's picker can come just before its pools),
+        picks look the pool up by backend."""
+        picker = self.picker
+        self._rotor = None
+        if isinstance(picker, RotationPicker):
+            rotation: list[UpstreamPool] = []
+            for backend in picker.schedule:
+                pool = self._pool_of.get(id(backend))
+                if pool is None:
+                    return
+                rotation.append(pool)
+            self._rotation = rotation
+            self._rotor = picker
 
     def _pool_settings(self, pool: UpstreamPool) -> None:
         spec = self.spec
@@ -288,8 +310,9 @@ class ClusterRuntime:
         picker = self.picker
         if picker is None:
             raise NoBackendAvailable(f"cluster {self.name}: no healthy backend")
-        if isinstance(picker, RotationPicker):  # (round robin: a native call when compiled)
-            return self._pool_of[id(picker.pick(None))]
+        rotor = self._rotor
+        if rotor is not None:   # (round robin: a native call and a list index, compiled)
+            return self._rotation[rotor.pick_index()]
         return self._pool_of[id(picker.pick(ex.context() if self.needs_context else None))]
 
     def fallback(self, ex: Any, tried: list[UpstreamPool]) -> UpstreamPool | None:
@@ -386,6 +409,7 @@ class ClusterRuntime:
         inner = getattr(picker, "_primary", picker)
         self.load_changed = (hooks.load_changed if picker and hasattr(inner, "load_changed")
                              else None)
+        self._index_rotation()
 
     def _schedule_release(self) -> None:
         """Arm the timer for the earliest ejection end (re-armed if it moved earlier)."""

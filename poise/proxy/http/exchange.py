@@ -10,12 +10,12 @@ side are collected in a list and written once per read (``flush_upstream`` /
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from poise.core import retry
 from poise.core.context import RequestContext
 from poise.errors import PoiseError, UpstreamProtocolError
+from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
 from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from poise.proxy.http.upstream import UpstreamConnection
 
 # (Final: a C static when compiled, not a module dict lookup per call.)
-monotonic: Final = time.monotonic
+monotonic: Final = fasthead.clock      # (time.monotonic's clock)
 IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.
@@ -55,6 +55,11 @@ _CLOSE: Final = b"connection: close\r\n"
 _KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING: Final = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+_SP: Final = b" "
+_HTTP11_CRLF: Final = b" HTTP/1.1\r\n"
+_XFH: Final = b"x-forwarded-host: "
+# (Final: a C static when compiled, not a module attribute lookup per call.)
+join_parts: Final[Any] = fasthead.join_parts
 
 
 class Exchange(RequestHead):
@@ -81,9 +86,11 @@ class Exchange(RequestHead):
     _started_at: float
     _timer: Any
 
-    def __init__(self, client: Downstream, max_body: int) -> None:
-        # RequestHead's slots
-        self.fields: list[bytes] = []
+    def __init__(self, client: Downstream, max_body: int,
+                 fields: list[bytes] | None = None) -> None:
+        # RequestHead's slots (``fields``: the head's fields when the C parser has
+        # sorted them already, else none yet)
+        self.fields: list[bytes] = [] if fields is None else fields
         self.host: bytes | None = None
         self.content_length = -1
         self.chunked = self.te = self.expect_continue = False
@@ -264,8 +271,8 @@ class Exchange(RequestHead):
         if client.forwarded and self.xff is None and host is not None and not self.chunked \
                 and self.trace is None:
             # The common case in one C call: X-Forwarded-For/-Proto are per connection.
-            return b"%b %b HTTP/1.1\r\n%bx-forwarded-host: %b\r\n%b\r\n" % (
-                self.method, self.target, b"".join(self.fields), host, client.forwarded)
+            return join_parts(self.method, _SP, self.target, _HTTP11_CRLF, self.fields, _XFH,
+                              host, CRLF, client.forwarded, CRLF)
         site = client.site
         parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         parts += self.fields
@@ -373,7 +380,10 @@ class Exchange(RequestHead):
         elif not self.http11:
             fields.append(_KEEP_ALIVE)
         fields.append(CRLF)
-        self._out.append((STATUS_LINES.get(status) or status_line(status)) + b"".join(fields))
+        # (Joined with the body when written: flush_client, end_response.)
+        out = self._out
+        out.append(STATUS_LINES.get(status) or status_line(status))
+        out += fields
         self.response_head_sent = True
 
     def flush_client(self) -> None:

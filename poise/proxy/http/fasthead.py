@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from typing import Any
 
 
@@ -24,3 +25,20 @@ def _load() -> Any:
 _module = _load()
 parse_request: Any = None if _module is None else _module.parse_request
 parse_response: Any = None if _module is None else _module.parse_response
+
+
+def _join_parts(*parts: bytes | list[bytes]) -> bytes:
+    """What _h1head.join_parts does, without the C extension."""
+    pieces: list[bytes] = []
+    for part in parts:
+        if isinstance(part, bytes):
+            pieces.append(part)
+        else:
+            pieces += part
+    return b"".join(pieces)
+
+
+# join_parts(*parts): bytes parts and lists of bytes joined in order, in one go.
+join_parts: Any = _join_parts if _module is None else _module.join_parts
+# clock(): time.monotonic()'s clock (CLOCK_MONOTONIC, seconds), read for less.
+clock: Any = time.monotonic if _module is None else _module.clock

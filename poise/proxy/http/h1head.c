@@ -18,6 +18,11 @@
  *      content_length, header_block, host, expect_continue, field_count)
  * parse_response(data: bytes, start: int) -> None or
  *     (status, http11, keep_alive, block, body_start, content_length)
+ * clock() -> float
+ *     CLOCK_MONOTONIC in seconds: time.monotonic()'s clock, read cheaper
+ * join_parts(*parts: bytes | list[bytes]) -> bytes
+ *     b"".join of the parts flattened, in one allocation (building a request head
+ *     from its pieces and the field list without joining the list first)
  *
  * It also sorts the header fields the way the Python path does (request.py's
  * RequestHead.add_watched, upstream.py's UpstreamConnection.on_header), so that
@@ -42,6 +47,10 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 /* Request-target bytes the fast path takes after the leading "/": visible ASCII
  * (llhttp takes the same in an origin-form target). */
@@ -66,9 +75,13 @@ static const char *METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS
                                 "PATCH", NULL};
 static PyObject *method_objects[8];
 
-/* Case-insensitive comparison of b[0:n] with the lower-case ASCII word w. */
+static int name_is(const unsigned char *b, Py_ssize_t n, const char *w);
+
+/* Case-insensitive comparison of b[0:n] (tchar or field-value bytes) with the
+ * lower-case ASCII word w (letters, digits and '-'). */
 static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
 {
+    if (n >= 8) return (size_t)n == strlen(w) && name_is(b, n, w);
     Py_ssize_t i = 0;
     for (; i < n && w[i]; i++) {
         if ((b[i] | 0x20) != (unsigned char)w[i]) return 0;
@@ -76,22 +89,93 @@ static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
     return i == n && w[i] == 0;
 }
 
+/* Eight-byte words, read from unaligned bytes, with the first byte lowest: the word
+ * tricks below find "the first byte that..." with a count of trailing zero bits. */
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define WORD_SCAN 1
+#else
+#define WORD_SCAN 0
+#endif
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
 /* The first byte at or after p that is not a field-value byte (n if none).  Eight
- * bytes at a time while none of them is a control byte (below 0x20, or 0x7f), which
- * is what almost every value is; then byte by byte. */
+ * bytes at a time: a word's high bits mark its bytes below 0x20 and its 0x7f bytes;
+ * the lowest marked byte is exactly the first such byte (the subtraction's borrows only
+ * run upwards from it): the answer, unless it is an HTAB (a value byte below 0x20),
+ * after which the scan goes on.  Then byte by byte for the last few bytes of the
+ * buffer. */
 static Py_ssize_t value_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
 {
-    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
     while (n - p >= 8) {
         uint64_t x;
         memcpy(&x, b + p, 8);
-        uint64_t below_space = (x - ones * 0x20) & ~x & highs;   /* a byte < 0x20 */
-        uint64_t y = x ^ (ones * 0x7f);
-        uint64_t del = (y - ones) & ~y & highs;                 /* a byte == 0x7f */
-        if (below_space | del) break;
+        uint64_t below_space = (x - ONES * 0x20) & ~x & HIGHS;   /* a byte < 0x20 */
+        uint64_t y = x ^ (ONES * 0x7f);
+        uint64_t del = (y - ONES) & ~y & HIGHS;                 /* a byte == 0x7f */
+        if (below_space | del) {
+#if WORD_SCAN
+            p += __builtin_ctzll(below_space | del) >> 3;
+            if (b[p] != '\t') return p;
+            p++;                /* (HTAB is a value byte: go on after it) */
+            continue;
+#else
+            break;
+#endif
+        }
         p += 8;
     }
     while (p < n && VALUE_BYTE(b[p])) p++;
+    return p;
+}
+
+/* b[0:n] (tchar or field-value bytes) equal, ignoring case, to the lower-case word w
+ * of the same length n (letters, digits and '-').  OR-ing 0x20 into a byte
+ * lower-cases a letter and leaves '-' and digits as they are; the only other bytes
+ * that become a letter, a digit or '-' are control bytes, which neither a name nor a
+ * value holds, so the comparison is exact. */
+static int name_is(const unsigned char *b, Py_ssize_t n, const char *w)
+{
+    const uint64_t lower = ONES * 0x20;
+    uint64_t x, y;
+    if (n < 8) return lower_equals(b, n, w);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&x, b + i, 8);
+        memcpy(&y, w + i, 8);
+        if ((x | lower) != y) return 0;
+    }
+    if (i == n) return 1;
+    memcpy(&x, b + n - 8, 8);         /* the last 8 bytes, overlapping those compared */
+    memcpy(&y, w + n - 8, 8);
+    return (x | lower) == y;
+}
+
+/* The first byte at or after p that is not a tchar (n if none): sixteen bytes at a
+ * time while they are letters, digits or '-' (what header names are made of), then
+ * byte by byte. */
+static Py_ssize_t name_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
+{
+#ifdef __SSE2__
+    const __m128i fold = _mm_set1_epi8(0x20), dash = _mm_set1_epi8('-');
+    const __m128i before_a = _mm_set1_epi8(0x60), after_z = _mm_set1_epi8(0x7b);
+    const __m128i before_0 = _mm_set1_epi8(0x2f), after_9 = _mm_set1_epi8(0x3a);
+    while (n - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(b + p));
+        __m128i low = _mm_or_si128(x, fold);    /* (bytes >= 0x80 are negative: no match) */
+        __m128i letter = _mm_and_si128(_mm_cmpgt_epi8(low, before_a),
+                                       _mm_cmplt_epi8(low, after_z));
+        __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(x, before_0), _mm_cmplt_epi8(x, after_9));
+        __m128i plain = _mm_or_si128(_mm_or_si128(letter, digit), _mm_cmpeq_epi8(x, dash));
+        unsigned mask = (unsigned)_mm_movemask_epi8(plain);
+        if (mask != 0xffff) {
+            p += __builtin_ctz(~mask);
+            break;
+        }
+        p += 16;
+    }
+#endif
+    while (p < n && tchar[b[p]]) p++;
     return p;
 }
 
@@ -116,22 +200,22 @@ static int kind_of(const unsigned char *name, Py_ssize_t len)
         if (lower_equals(name, 7, "upgrade")) return K_DECLINE;
         break;
     case 10:
-        if (lower_equals(name, 10, "connection")) return K_CONNECTION;
-        if (lower_equals(name, 10, "keep-alive")) return K_DROP;
+        if (name_is(name, 10, "connection")) return K_CONNECTION;
+        if (name_is(name, 10, "keep-alive")) return K_DROP;
         break;
-    case 14: if (lower_equals(name, 14, "content-length")) return K_CONTENT_LENGTH; break;
-    case 15: if (lower_equals(name, 15, "x-forwarded-for")) return K_XFF; break;
+    case 14: if (name_is(name, 14, "content-length")) return K_CONTENT_LENGTH; break;
+    case 15: if (name_is(name, 15, "x-forwarded-for")) return K_XFF; break;
     case 16:
         /* llhttp reads it like Connection: declined, as a second Connection is */
-        if (lower_equals(name, 16, "proxy-connection")) return K_DECLINE;
-        if (lower_equals(name, 16, "x-forwarded-host")) return K_XF_OTHER;
+        if (name_is(name, 16, "proxy-connection")) return K_DECLINE;
+        if (name_is(name, 16, "x-forwarded-host")) return K_XF_OTHER;
         break;
     case 17:
-        if (lower_equals(name, 17, "transfer-encoding")) return K_DECLINE;
-        if (lower_equals(name, 17, "x-forwarded-proto")) return K_XF_OTHER;
+        if (name_is(name, 17, "transfer-encoding")) return K_DECLINE;
+        if (name_is(name, 17, "x-forwarded-proto")) return K_XF_OTHER;
         break;
-    case 18: if (lower_equals(name, 18, "proxy-authenticate")) return K_DROP; break;
-    case 19: if (lower_equals(name, 19, "proxy-authorization")) return K_DROP; break;
+    case 18: if (name_is(name, 18, "proxy-authenticate")) return K_DROP; break;
+    case 19: if (name_is(name, 19, "proxy-authorization")) return K_DROP; break;
     }
     return K_FORWARD;
 }
@@ -180,7 +264,7 @@ static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, Head
         }
         if (head->count == MAX_FIELDS) return DECLINE;
         Py_ssize_t name_start = p;
-        while (p < n && tchar[b[p]]) p++;
+        p = name_end(b, p, n);
         if (p >= n || b[p] != ':' || p == name_start) return DECLINE;
         Py_ssize_t name_len = p - name_start;
         p++;
@@ -247,22 +331,17 @@ static int http_version(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
 /* A tuple of the n new references in items (all consumed, also on failure). */
 static PyObject *new_tuple(PyObject **items, int n)
 {
-    PyObject *tuple = PyTuple_New(n);
+    PyObject *tuple = NULL;
     for (int i = 0; i < n; i++) {
-        if (tuple == NULL || items[i] == NULL) {
-            Py_XDECREF(items[i]);
-            continue;
-        }
-        PyTuple_SET_ITEM(tuple, i, items[i]);
-        items[i] = NULL;
+        if (items[i] == NULL) goto error;
     }
-    for (int i = 0; i < n; i++) {
-        if (tuple != NULL && PyTuple_GET_ITEM(tuple, i) == NULL) {
-            Py_DECREF(tuple);       /* an item failed: the rest are released with it */
-            return NULL;
-        }
-    }
+    tuple = PyTuple_New(n);
+    if (tuple == NULL) goto error;
+    for (int i = 0; i < n; i++) PyTuple_SET_ITEM(tuple, i, items[i]);
     return tuple;
+error:
+    for (int i = 0; i < n; i++) Py_XDECREF(items[i]);
+    return NULL;
 }
 
 static int parse_args(PyObject *const *args, Py_ssize_t nargs, const unsigned char **b,
@@ -296,9 +375,10 @@ static PyObject *colon_space, *crlf;     /* b": ", b"\r\n": shared by every fiel
 
 /* A request's forwarded fields as RequestHead.fields holds them (flat name, ": ",
  * value, CRLF groups, in order), and the Connection and X-Forwarded-For fields as
- * flat name, value pairs for RequestHead.add_watched. */
+ * flat name, value pairs for RequestHead.add_watched; *host_out gets the Host field's
+ * value object (a new reference), if the head has one. */
 static int request_lists(const unsigned char *b, const Head *head, PyObject **fields_out,
-                         PyObject **watched_out)
+                         PyObject **watched_out, PyObject **host_out)
 {
     Py_ssize_t forwarded = 0, watched = 0;
     for (int i = 0; i < head->count; i++) {
@@ -318,6 +398,10 @@ static int request_lists(const unsigned char *b, const Head *head, PyObject **fi
             Py_XDECREF(name);
             Py_XDECREF(value);
             goto error;
+        }
+        if (i == head->host) {      /* (the Host value: the same object) */
+            Py_INCREF(value);
+            *host_out = value;
         }
         if (f->kind == K_CONNECTION || f->kind == K_XFF) {
             PyList_SET_ITEM(pairs, pair_at, name);
@@ -402,14 +486,12 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     init_head(&head);
     Py_ssize_t end;
     if (parse_fields(b, p, n, &head, 1, &end) != OK) Py_RETURN_NONE;
-    PyObject *fields, *watched;
-    if (request_lists(b, &head, &fields, &watched) < 0) return NULL;
-    PyObject *host = Py_None;
-    if (head.host >= 0) {
-        const Field *f = &head.fields[head.host];
-        host = PyBytes_FromStringAndSize((const char *)b + f->value, f->value_len);
+    PyObject *fields, *watched, *host = NULL;
+    if (request_lists(b, &head, &fields, &watched, &host) < 0) return NULL;
+    if (host == NULL) {
+        host = Py_None;
+        Py_INCREF(host);
     }
-    else Py_INCREF(host);
     int keep_alive = http11 ? !head.close : head.keep_alive;
     Py_INCREF(method);
     PyObject *items[12] = {
@@ -455,6 +537,61 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
     return new_tuple(items, 6);
 }
 
+/* join_parts(*parts): the parts in order as one bytes object, each part a bytes
+ * object or a list of bytes objects (b"".join over them, flattened, without the
+ * intermediate objects). */
+static PyObject *join_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyObject *part = args[i];
+        if (PyBytes_CheckExact(part)) {
+            size += PyBytes_GET_SIZE(part);
+            continue;
+        }
+        if (!PyList_CheckExact(part)) goto type_error;
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(part); j++) {
+            PyObject *item = PyList_GET_ITEM(part, j);
+            if (!PyBytes_CheckExact(item)) goto type_error;
+            size += PyBytes_GET_SIZE(item);
+        }
+    }
+    if (size < 0) {     /* (wrapped around: not from parts that fit in memory) */
+        PyErr_SetString(PyExc_OverflowError, "join_parts: result too large");
+        return NULL;
+    }
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, size);
+    if (joined == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(joined);
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyObject *part = args[i];
+        if (PyBytes_CheckExact(part)) {
+            memcpy(out, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part));
+            out += PyBytes_GET_SIZE(part);
+            continue;
+        }
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(part); j++) {
+            PyObject *item = PyList_GET_ITEM(part, j);
+            memcpy(out, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item));
+            out += PyBytes_GET_SIZE(item);
+        }
+    }
+    return joined;
+type_error:
+    PyErr_SetString(PyExc_TypeError, "join_parts: each part must be bytes or a list of bytes");
+    return NULL;
+}
+
+/* clock(): CLOCK_MONOTONIC in seconds, as time.monotonic() (and uvloop's and
+ * asyncio's loop.time()) read it, for less: no call through the time module's
+ * checks, one float. */
+static PyObject *clock_now(PyObject *self, PyObject *unused)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyFloat_FromDouble((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
+}
+
 static PyMethodDef methods[] = {
     {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL,
      "parse_request(data, start): a complete plain request head at data[start:] as "
@@ -464,6 +601,10 @@ static PyMethodDef methods[] = {
      "parse_response(data, start): a complete plain final response head at "
      "data[start:] as (status, http11, keep_alive, block, body_start, "
      "content_length), else None."},
+    {"join_parts", (PyCFunction)(void (*)(void))join_parts, METH_FASTCALL,
+     "join_parts(*parts): the parts (bytes, or lists of bytes) joined in order."},
+    {"clock", clock_now, METH_NOARGS,
+     "clock(): the monotonic clock in seconds (time.monotonic's clock)."},
     {NULL, NULL, 0, NULL},
 };
 

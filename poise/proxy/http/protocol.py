@@ -197,9 +197,10 @@ class ClientConnection(Downstream):
         self._url = b""
         self._new_exchange()
 
-    def _new_exchange(self) -> Exchange:
-        """A request begins (either parser): the exchange its head is read into."""
-        ex = Exchange(self, self.site.max_request_body)
+    def _new_exchange(self, fields: list[bytes] | None = None) -> Exchange:
+        """A request begins (either parser): the exchange its head is read into
+        (``fields``: its fields, when the C parser has sorted them)."""
+        ex = Exchange(self, self.site.max_request_body, fields)
         self._parsing = ex
         self._header_count = 0
         if self._idle:              # the idle deadline ends; a head deadline may start

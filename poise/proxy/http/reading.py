@@ -83,7 +83,7 @@ def fast_head(conn: ClientConnection, head: FastRequest) -> int:
     (method, target, http11, keep_alive, fields, watched, body_start, length, header_block,
      host, expect_continue, count) = head
     site = conn.site
-    ex = conn._new_exchange()
+    ex = conn._new_exchange(fields)
     if conn.deadline.when is not None:      # (a head deadline: the head is here)
         conn.deadline.clear()
     conn._url = target

@@ -159,8 +159,7 @@ class UpstreamConnection:
         elif length < 0:
             return False
         # (An HTTP/2 client's exchange reads the fields a name and value at a time.)
-        self._fields = split_block(block) if ex.client.h2 else [block]
-        self._head_done(status, keep_alive)
+        self._head_done(status, keep_alive, split_block(block) if ex.client.h2 else [block])
         if self.exchange is not ex:
             return True
         if length:
@@ -262,14 +261,14 @@ class UpstreamConnection:
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        self._head_done(parser.get_status_code(), parser.should_keep_alive())
-
-    def _head_done(self, status: int, keep_alive: bool) -> None:
-        """A response head is complete, whichever parser read it (its fields came
-        through on_header)."""
-        ex = self.exchange
         fields = self._fields
         self._fields = []
+        self._head_done(parser.get_status_code(), parser.should_keep_alive(), fields)
+
+    def _head_done(self, status: int, keep_alive: bool, fields: list[bytes]) -> None:
+        """A response head is complete, whichever parser read it: its end-to-end
+        ``fields`` (on_header's, or the C parser's block)."""
+        ex = self.exchange
         if ex is None:
             return
         self._status = status
