@@ -46,12 +46,16 @@ def clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
 class Timeouts:
     """Armed deadlines by bucket, and the loop timer for the earliest bucket."""
 
-    __slots__ = ("loop", "clock", "_buckets", "_ticks", "_handle", "_armed_tick")
+    __slots__ = ("loop", "clock", "shared_clock", "_buckets", "_ticks", "_handle",
+                 "_armed_tick")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         # The loop's clock (clock_of), bound once: read per deadline set
         self.clock: Callable[[], float] = clock_of(loop)
+        # Whether it is fasthead.clock, the clock the request path reads: then a reading
+        # the caller took just now can stand for a new one (``now`` arguments).
+        self.shared_clock = self.clock is fasthead.clock
         # bucket number → its deadlines (a dict: O(1) removal, insertion order)
         self._buckets: dict[int, dict[Deadline, None]] = {}
         self._ticks: list[int] = []         # heap of the bucket numbers in _buckets
@@ -120,10 +124,15 @@ class Deadline:
         if not self._tick or when < self._armed_for:
             self._arm(when)
 
-    def push(self, timeout: float) -> None:
+    def push(self, timeout: float, now: float = 0.0) -> None:
         """Like ``set``, for callers whose new deadline is never earlier than one already
-        armed (the same timeout again and again): no timer work unless none is armed."""
-        when = self.when = self._timeouts.clock() + timeout
+        armed (the same timeout again and again): no timer work unless none is armed.
+        ``now``: a fasthead.clock reading taken just now, used instead of reading the
+        clock again where that is the loop's clock (0.0: read it)."""
+        timeouts = self._timeouts
+        if now <= 0.0 or not timeouts.shared_clock:
+            now = timeouts.clock()
+        when = self.when = now + timeout
         if not self._tick:
             self._arm(when)
 

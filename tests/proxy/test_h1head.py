@@ -264,7 +264,7 @@ def test_accepts_the_common_form() -> None:
     assert first == (b"GET", b"/index.html?q=1", True, True,
                      [b"Host", b": ", b"example.com", CRLF, b"User-Agent", b": ", b"curl/8",
                       CRLF, b"Accept", b": ", b"*/*", CRLF],
-                     [], len(one), -1, len(one) - 30 - 2, b"example.com", False, 3)
+                     None, len(one), -1, len(one) - 30 - 2, b"example.com", False, 3)
     second = fasthead.parse_request(data, len(one))
     assert second is not None and second[0] == b"POST" and second[7] == 2
     assert second[6] == len(data) - 2

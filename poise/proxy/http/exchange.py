@@ -55,6 +55,9 @@ _CLOSE: Final = b"connection: close\r\n"
 _KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING: Final = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+# ``_replay`` of a replayable request that has kept no body bytes yet (most have none:
+# GET): shared, never appended to (``_keep`` makes the request its own list first).
+_NOTHING_KEPT: Final[list[bytes]] = []
 _SP: Final = b" "
 _HTTP11_CRLF: Final = b" HTTP/1.1\r\n"
 _XFH: Final = b"x-forwarded-host: "
@@ -155,7 +158,7 @@ class Exchange(RequestHead):
         self.keep_alive = keep_alive
         self.head_only = method == b"HEAD"
         # Body bytes kept for a re-send (the head is rebuilt); None: never re-sent.
-        self._replay = [] if method in IDEMPOTENT else None
+        self._replay = _NOTHING_KEPT if method in IDEMPOTENT else None
 
     # -- phase 1: route and pick ---------------------------------------------------------
 
@@ -224,7 +227,7 @@ class Exchange(RequestHead):
         if conn is not None:
             conn.reused = True
             begin_try(self)
-            self._attach(conn)
+            self._attach(conn, self._try_began)
         elif cluster.limits is None or may_connect(self):
             begin_try(self)
             open_connection(self)
@@ -244,12 +247,13 @@ class Exchange(RequestHead):
 
     # -- phase 2: connection (opening one, with failover: resilience.open_connection) ---
 
-    def _attach(self, conn: UpstreamConnection) -> None:
+    def _attach(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        """Send on ``conn`` (``now``: as for Deadline.push)."""
         self.conn = conn
         conn.exchange = self
         if self.request_complete:   # else request_done starts the response deadline
             if self._deadline_at is None:
-                conn.deadline.push(conn.pool.response_timeout)
+                conn.deadline.push(conn.pool.response_timeout, now)
             else:
                 arm_response_deadline(self, conn)
         client = self.client
@@ -302,9 +306,8 @@ class Exchange(RequestHead):
                 data = chunk(data)
         self._up_out.append(data)
         self._up_size += len(data)
-        replay = self._replay
-        if replay is not None:
-            replay.append(data)
+        if self._replay is not None:
+            self._keep(data)
             self._replay_size += len(data)
             if self._replay_size > self._replay_limit:
                 self._replay = None
@@ -325,7 +328,14 @@ class Exchange(RequestHead):
         elif self.chunked:
             self._up_out.append(LAST_CHUNK)
             if self._replay is not None:
-                self._replay.append(LAST_CHUNK)
+                self._keep(LAST_CHUNK)
+
+    def _keep(self, data: bytes) -> None:
+        """Keep request body bytes for a re-send (``_replay`` is not None)."""
+        replay = self._replay
+        if replay is _NOTHING_KEPT or replay is None:
+            replay = self._replay = []
+        replay.append(data)
 
     def flush_upstream(self) -> None:
         """Write what the client sent since the last flush, if a connection is attached."""
@@ -410,7 +420,7 @@ class Exchange(RequestHead):
         end_try(self, self.status, None, self.ended)
         end_exchange(self)
         if self.request_complete and conn.usable:
-            self.pool.release(conn)
+            self.pool.release(conn, self.ended)
         else:
             conn.close()
         client.exchange_done(self)

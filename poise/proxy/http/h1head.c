@@ -30,8 +30,8 @@
  * - a request's fields are RequestHead.fields ready-made: flat name, ": ", value,
  *   CRLF groups in order, without hop-by-hop fields, X-Forwarded-* or an Expect other
  *   than 100-continue; watched holds its Connection and X-Forwarded-For fields as flat
- *   name, value pairs for add_watched; host is the Host value or None (a second Host
- *   is declined: Python answers it);
+ *   name, value pairs for add_watched (None when it has neither); host is the Host
+ *   value or None (a second Host is declined: Python answers it);
  * - a response's block is its end-to-end header lines as one bytes object, "name:
  *   value\r\n" each, hop-by-hop ones left out.
  * Values have their leading whitespace removed and trailing whitespace kept (as
@@ -375,8 +375,9 @@ static PyObject *colon_space, *crlf;     /* b": ", b"\r\n": shared by every fiel
 
 /* A request's forwarded fields as RequestHead.fields holds them (flat name, ": ",
  * value, CRLF groups, in order), and the Connection and X-Forwarded-For fields as
- * flat name, value pairs for RequestHead.add_watched; *host_out gets the Host field's
- * value object (a new reference), if the head has one. */
+ * flat name, value pairs for RequestHead.add_watched (None if there are none);
+ * *host_out gets the Host field's value object (a new reference), if the head has
+ * one. */
 static int request_lists(const unsigned char *b, const Head *head, PyObject **fields_out,
                          PyObject **watched_out, PyObject **host_out)
 {
@@ -386,7 +387,13 @@ static int request_lists(const unsigned char *b, const Head *head, PyObject **fi
         if (kind == K_CONNECTION || kind == K_XFF) watched++;
         else if (kind != K_DROP && kind != K_XF_OTHER) forwarded++;
     }
-    PyObject *fields = PyList_New(4 * forwarded), *pairs = PyList_New(2 * watched);
+    /* (No watched field, the usual case: None rather than an empty list.) */
+    PyObject *fields = PyList_New(4 * forwarded), *pairs = NULL;
+    if (watched) pairs = PyList_New(2 * watched);
+    else {
+        pairs = Py_None;
+        Py_INCREF(pairs);
+    }
     if (fields == NULL || pairs == NULL) goto error;
     Py_ssize_t at = 0, pair_at = 0;
     for (int i = 0; i < head->count; i++) {

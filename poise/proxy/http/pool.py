@@ -78,7 +78,9 @@ class UpstreamPool:
         self.cluster = cluster
         # The cluster's queue of requests waiting for a connection (shared).
         self.pending: deque[Exchange] = cluster.pending if cluster is not None else deque()
-        self.idle: deque[UpstreamConnection] = deque()
+        # Oldest released first (a list: the request path's append and pop are native
+        # calls when compiled; the sweeps cut the expired ones off its front at once).
+        self.idle: list[UpstreamConnection] = []
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -225,8 +227,9 @@ class UpstreamPool:
             if self.pending:
                 cluster.connection_freed()
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """Take back a connection whose exchange completed cleanly."""
+    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        """Take back a connection whose exchange completed cleanly (``now``: as for
+        Deadline.push, a clock reading taken just now, or 0.0)."""
         if not conn.usable or len(self.idle) + len(self.parked) >= self.max_idle:
             conn.close()
             return
@@ -235,7 +238,8 @@ class UpstreamPool:
         cluster = self.cluster
         if self.pending and cluster is not None and cluster.hand_over(self, conn):
             return
-        conn.idle_since = self.timeouts.clock()
+        timeouts = self.timeouts
+        conn.idle_since = now if now > 0.0 and timeouts.shared_clock else timeouts.clock()
         self.idle.append(conn)
 
     def expire(self, now: float) -> None:
@@ -244,8 +248,8 @@ class UpstreamPool:
         (nobody may use them); then park those unused for longer than ``park_after``."""
         idle = self.idle
         cutoff = now - self.idle_timeout
-        while idle and idle[0].idle_since < cutoff:
-            idle.popleft().close()
+        for conn in _take_older(idle, cutoff):
+            conn.close()
         since = self.parked_since
         while since and since[0] < cutoff:
             self._close_parked(self._take_parked(newest=False))
@@ -268,8 +272,8 @@ class UpstreamPool:
         ``parked`` stays in release order)."""
         idle = self.idle
         lot = lot_for(self.loop)
-        while idle and idle[0].idle_since < cutoff:
-            conn = idle.popleft()
+        older = _take_older(idle, cutoff)
+        for i, conn in enumerate(older):
             transport = conn.transport
             if not conn.usable or transport is None or transport.get_write_buffer_size():
                 conn.close()        # (closing, or out of step: not worth keeping)
@@ -279,10 +283,10 @@ class UpstreamPool:
                 # (uvloop's socket here is a stand-in that does not own the descriptor.)
                 fd = os.dup(transport.get_extra_info("socket").fileno())
                 lot.park(self, fd)
-            except OSError:         # out of descriptors: stays warm until the next sweep
+            except OSError:         # out of descriptors: stay warm until the next sweep
                 if fd >= 0:
                     os.close(fd)
-                idle.appendleft(conn)
+                idle[:0] = older[i:]
                 return
             # Its transport goes, its socket stays open through ``fd``: the abort closes
             # only uvloop's descriptor, so the backend sees neither FIN nor RST, and
@@ -356,3 +360,14 @@ class UpstreamPool:
         parked = f" parked={len(self.parked)}" if self.parked else ""
         return (f"<UpstreamPool {self.backend.address} active={self.active} "
                 f"idle={len(self.idle)}{parked}>")
+
+
+def _take_older(idle: list[UpstreamConnection], cutoff: float) -> list[UpstreamConnection]:
+    """Take the connections released before ``cutoff`` off the front of ``idle``
+    (oldest first), in one cut: closing one may take it off ``idle`` as well."""
+    n = 0
+    while n < len(idle) and idle[n].idle_since < cutoff:
+        n += 1
+    older = idle[:n]
+    del idle[:n]
+    return older

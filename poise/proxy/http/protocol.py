@@ -355,7 +355,8 @@ class ClientConnection(Downstream):
         else:
             self._idle = True
             # Header deadlines are shorter but cleared by now: push never re-arms early.
-            self.deadline.push(self.site.idle_timeout)
+            # (From when its response ended, if it was read: a clock reading saved.)
+            self.deadline.push(self.site.idle_timeout, ex.ended)
 
     def reject_body(self, reason: str) -> None:
         """Called from a parser callback: raising stops the parser where it is, so

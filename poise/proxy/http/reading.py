@@ -71,7 +71,7 @@ def read_fast(conn: ClientConnection, data: bytes) -> None:
         conn._parse_failed(InternalError(f"{type(e).__name__}: {e}"))
 
 
-FastRequest = tuple[bytes, bytes, bool, bool, list[bytes], list[bytes], int, int, int,
+FastRequest = tuple[bytes, bytes, bool, bool, list[bytes], "list[bytes] | None", int, int, int,
                     "bytes | None", bool, int]
 
 

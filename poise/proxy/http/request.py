@@ -74,19 +74,20 @@ class RequestHead:
             self.upgrade = value
         # other hop-by-hop and X-Forwarded-Proto/-Host: dropped, poise sets its own
 
-    def take_sorted(self, fields: list[bytes], watched: list[bytes], host: bytes | None,
+    def take_sorted(self, fields: list[bytes], watched: list[bytes] | None, host: bytes | None,
                     expect_continue: bool, content_length: int) -> None:
         """A head's fields as the C head parser sorted them (h1head.c): what
         ``add_watched`` and ClientConnection.on_header make of them one at a time.
-        Only ``watched`` (flat name, value pairs: Connection, X-Forwarded-For) still
-        goes through add_watched.  Raises as they do."""
+        Only ``watched`` (flat name, value pairs: Connection, X-Forwarded-For; None:
+        neither) still goes through add_watched.  Raises as they do."""
         self.fields = fields
         self.host = host
         self.expect_continue = expect_continue
         if content_length >= 0:
             self.set_content_length(content_length)
-        for i in range(0, len(watched), 2):
-            self.add_watched(watched[i], watched[i + 1])
+        if watched is not None:
+            for i in range(0, len(watched), 2):
+                self.add_watched(watched[i], watched[i + 1])
 
     def set_content_length(self, length: int) -> None:
         """The request's Content-Length. Raises PayloadTooLarge over ``max_body``."""
