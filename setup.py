@@ -39,6 +39,7 @@ HOT_PATH = [
     "poise/proxy/http/site.py",
     "poise/proxy/http/upgrade.py",
     "poise/proxy/http/upstream.py",
+    "poise/proxy/http/writer.py",
 ]
 
 

@@ -32,6 +32,7 @@ from poise.proxy.http.resilience import (
     retry_stale,
 )
 from poise.proxy.http.upgrade import route_websocket
+from poise.proxy.http.writer import WRITER
 from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
@@ -217,8 +218,7 @@ class Exchange(RequestHead):
             h2_send(self, pool)
             return
         if cluster.send_proxy_protocol is None:
-            idle = pool.idle
-            conn = idle.pop() if idle else None
+            conn = pool.pop_idle() if pool.idle else None
             if conn is not None and not conn.usable:
                 conn.close()
                 conn = pool.take_idle()
@@ -343,7 +343,7 @@ class Exchange(RequestHead):
         out = self._up_out
         if conn is None or not out:
             return
-        conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        WRITER.write(conn.transport, out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         self._up_size = 0
 
@@ -402,7 +402,7 @@ class Exchange(RequestHead):
             client = self.client
             if not client.closed:
                 data = out[0] if len(out) == 1 else b"".join(out)
-                client.transport.write(data)
+                WRITER.write(client.transport, data)
                 self.bytes_sent += len(data)
                 self._wrote_client = True
             out.clear()
@@ -435,7 +435,7 @@ class Exchange(RequestHead):
         client = self.client
         if out and not client.closed:
             data = out[0] if len(out) == 1 else b"".join(out)
-            client.transport.write(data)
+            WRITER.write(client.transport, data)
             self.bytes_sent += len(data)
             self._wrote_client = True
 

@@ -64,7 +64,8 @@ class UpstreamPool:
     parks nothing) is set by the cluster (``keepalive_park_after``).
     """
 
-    __slots__ = ("backend", "stats", "cluster", "pending", "idle", "max_idle", "idle_timeout",
+    __slots__ = ("backend", "stats", "cluster", "pending", "idle", "push_idle", "pop_idle",
+                 "max_idle", "idle_timeout",
                  "connect_timeout", "response_timeout", "max_connections", "loop", "active",
                  "failing", "requests", "errors", "tries", "owned", "h2", "timeouts",
                  "parked", "parked_since", "park_after")
@@ -78,9 +79,11 @@ class UpstreamPool:
         self.cluster = cluster
         # The cluster's queue of requests waiting for a connection (shared).
         self.pending: deque[Exchange] = cluster.pending if cluster is not None else deque()
-        # Oldest released first (a list: the request path's append and pop are native
-        # calls when compiled; the sweeps cut the expired ones off its front at once).
-        self.idle: list[UpstreamConnection] = []
+        # Oldest released first.  The request path calls ``push_idle`` and ``pop_idle``,
+        # its append and pop bound once (no method lookup per request).
+        self.idle: deque[UpstreamConnection] = deque()
+        self.push_idle = self.idle.append
+        self.pop_idle = self.idle.pop
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -240,7 +243,7 @@ class UpstreamPool:
             return
         timeouts = self.timeouts
         conn.idle_since = now if now > 0.0 and timeouts.shared_clock else timeouts.clock()
-        self.idle.append(conn)
+        self.push_idle(conn)
 
     def expire(self, now: float) -> None:
         """Close idle connections (warm or parked) unused for longer than
@@ -248,8 +251,8 @@ class UpstreamPool:
         (nobody may use them); then park those unused for longer than ``park_after``."""
         idle = self.idle
         cutoff = now - self.idle_timeout
-        for conn in _take_older(idle, cutoff):
-            conn.close()
+        while idle and idle[0].idle_since < cutoff:
+            idle.popleft().close()
         since = self.parked_since
         while since and since[0] < cutoff:
             self._close_parked(self._take_parked(newest=False))
@@ -272,8 +275,8 @@ class UpstreamPool:
         ``parked`` stays in release order)."""
         idle = self.idle
         lot = lot_for(self.loop)
-        older = _take_older(idle, cutoff)
-        for i, conn in enumerate(older):
+        while idle and idle[0].idle_since < cutoff:
+            conn = idle.popleft()
             transport = conn.transport
             if not conn.usable or transport is None or transport.get_write_buffer_size():
                 conn.close()        # (closing, or out of step: not worth keeping)
@@ -283,10 +286,10 @@ class UpstreamPool:
                 # (uvloop's socket here is a stand-in that does not own the descriptor.)
                 fd = os.dup(transport.get_extra_info("socket").fileno())
                 lot.park(self, fd)
-            except OSError:         # out of descriptors: stay warm until the next sweep
+            except OSError:         # out of descriptors: stays warm until the next sweep
                 if fd >= 0:
                     os.close(fd)
-                idle[:0] = older[i:]
+                idle.appendleft(conn)
                 return
             # Its transport goes, its socket stays open through ``fd``: the abort closes
             # only uvloop's descriptor, so the backend sees neither FIN nor RST, and
@@ -361,13 +364,3 @@ class UpstreamPool:
         return (f"<UpstreamPool {self.backend.address} active={self.active} "
                 f"idle={len(self.idle)}{parked}>")
 
-
-def _take_older(idle: list[UpstreamConnection], cutoff: float) -> list[UpstreamConnection]:
-    """Take the connections released before ``cutoff`` off the front of ``idle``
-    (oldest first), in one cut: closing one may take it off ``idle`` as well."""
-    n = 0
-    while n < len(idle) and idle[n].idle_since < cutoff:
-        n += 1
-    older = idle[:n]
-    del idle[:n]
-    return older
