@@ -201,3 +201,47 @@ def test_a_detached_deadline_forgets_its_callback_and_never_fires() -> None:
         gc.enable()
     loop.advance(2.0)
     assert fired == 0 and timeouts.pending() == 0
+
+
+def test_stock_loops_read_the_shared_clock_and_others_their_own() -> None:
+    import asyncio
+
+    import uvloop
+
+    from poise.proxy.deadline import clock_of
+    from poise.proxy.http import fasthead
+
+    class Virtual(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return 5.0
+
+    for make, shared in ((uvloop.new_event_loop, True), (asyncio.new_event_loop, True),
+                         (Virtual, False)):
+        loop = make()
+        try:
+            clock = clock_of(loop)
+            assert (clock is fasthead.clock) is shared
+            assert Timeouts(loop).shared_clock is shared
+            # (the same clock as the loop's own time(), whichever is read)
+            assert abs(clock() - loop.time()) < 0.05 or not shared
+        finally:
+            loop.close()
+    fake = FakeLoop()
+    assert clock_of(fake) == fake.time and not Timeouts(fake).shared_clock
+
+
+def test_push_from_a_reading_taken_just_now_only_on_the_shared_clock() -> None:
+    """``push(timeout, now)`` starts from ``now`` only where the deadlines' clock is
+    the clock ``now`` was read from; a virtual loop's deadlines keep its own time."""
+    loop = FakeLoop()
+    timeouts = Timeouts(loop)
+    log: list = []
+    d = make(loop, timeouts, log, "d")
+    loop.advance(100.0)
+    d.push(1.0, now=3.0)        # (not the loop's clock: ignored)
+    assert d.when == 101.0
+    timeouts.shared_clock = True    # (as on a stock loop)
+    d.push(1.0, now=100.5)
+    assert d.when == 101.5
+    d.push(1.0, now=0.0)        # 0.0: read the clock
+    assert d.when == 101.0

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 # (Final: a C static when compiled, not a module dict lookup per call.)
 monotonic: Final = fasthead.clock      # (time.monotonic's clock)
+join_parts: Final[Any] = fasthead.join_parts
 IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.
@@ -62,8 +63,6 @@ _NOTHING_KEPT: Final[list[bytes]] = []
 _SP: Final = b" "
 _HTTP11_CRLF: Final = b" HTTP/1.1\r\n"
 _XFH: Final = b"x-forwarded-host: "
-# (Final: a C static when compiled, not a module attribute lookup per call.)
-join_parts: Final[Any] = fasthead.join_parts
 
 
 class Exchange(RequestHead):
@@ -314,13 +313,14 @@ class Exchange(RequestHead):
         if self.conn is None and self._up_size > BUFFER_LIMIT:
             self.client.block_reading(BUFFERING)
 
-    def request_done(self) -> None:
-        """The whole request has been read; the backend's response deadline starts."""
+    def request_done(self, now: float = 0.0) -> None:
+        """The whole request has been read; the backend's response deadline starts
+        (``now``: as for Deadline.push, a clock reading taken in this same call)."""
         self.request_complete = True
         conn = self.conn
         if conn is not None:
             if self._deadline_at is None:
-                conn.deadline.push(conn.pool.response_timeout)
+                conn.deadline.push(conn.pool.response_timeout, now)
             else:
                 arm_response_deadline(self, conn)
         if self.raw_body:

@@ -181,13 +181,14 @@ class ClientConnection(Downstream):
         if cur is not None and cur.conn is not None:
             cur.conn.resume_reading()
 
-    def _fast_message_done(self, ex: Exchange) -> None:
-        """``ex``'s request has been read whole (unless it was already given up)."""
+    def _fast_message_done(self, ex: Exchange, now: float = 0.0) -> None:
+        """``ex``'s request has been read whole (unless it was already given up);
+        ``now``: as for Exchange.request_done."""
         # (A method of its own: within reading.fast_head mypyc would take ``_parsing``
         # to be the Exchange assigned there, although calls since may have cleared it.)
         if self._parsing is ex:
             self._parsing = None
-            ex.request_done()
+            ex.request_done(now)
 
     # -- parser callbacks (httptools) ----------------------------------------------------
 

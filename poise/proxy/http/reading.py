@@ -105,7 +105,8 @@ def fast_head(conn: ClientConnection, head: FastRequest) -> int:
     if length > 0:
         conn._body_left = length
     else:
-        conn._fast_message_done(ex)
+        # (Its try, if one began, began in this call: that clock reading will do.)
+        conn._fast_message_done(ex, ex._try_began)
     return body_start
 
 

@@ -15,7 +15,10 @@ from typing import Any, Final
 
 
 class Writer:
-    """``write(transport, data)`` does ``transport.write(data)``."""
+    """``write(transport, data)`` does ``transport.write(data)``.  (A ``write`` set on
+    one transport instance, as a test might, is called only if that instance's type is
+    not the one kept: the type is kept from its first transport without such an
+    attribute.)"""
 
     __slots__ = ("_type", "_write")
 
