@@ -62,6 +62,14 @@ class Timeouts:
         self._handle: asyncio.TimerHandle | None = None
         self._armed_tick = 0
 
+    def now(self, reading: float = 0.0) -> float:
+        """The loop's time: ``reading`` (a fasthead.clock reading the caller took just
+        now, in this same call) where that is the loop's clock, else a new reading
+        (also when ``reading`` is 0.0)."""
+        if reading > 0.0 and self.shared_clock:
+            return reading
+        return self.clock()
+
     def add(self, deadline: Deadline, when: float) -> int:
         """Arm ``deadline`` for ``when``; returns its bucket (for :meth:`remove`)."""
         tick = int(when / GRANULARITY) + 1      # the bucket ends after ``when``
@@ -127,12 +135,8 @@ class Deadline:
     def push(self, timeout: float, now: float = 0.0) -> None:
         """Like ``set``, for callers whose new deadline is never earlier than one already
         armed (the same timeout again and again): no timer work unless none is armed.
-        ``now``: a fasthead.clock reading taken just now, used instead of reading the
-        clock again where that is the loop's clock (0.0: read it)."""
-        timeouts = self._timeouts
-        if now <= 0.0 or not timeouts.shared_clock:
-            now = timeouts.clock()
-        when = self.when = now + timeout
+        ``now``: a clock reading taken just now, as for :meth:`Timeouts.now`."""
+        when = self.when = self._timeouts.now(now) + timeout
         if not self._tick:
             self._arm(when)
 

@@ -75,20 +75,6 @@ static const char *METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS
                                 "PATCH", NULL};
 static PyObject *method_objects[8];
 
-static int name_is(const unsigned char *b, Py_ssize_t n, const char *w);
-
-/* Case-insensitive comparison of b[0:n] (tchar or field-value bytes) with the
- * lower-case ASCII word w (letters, digits and '-'). */
-static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
-{
-    if (n >= 8) return (size_t)n == strlen(w) && name_is(b, n, w);
-    Py_ssize_t i = 0;
-    for (; i < n && w[i]; i++) {
-        if ((b[i] | 0x20) != (unsigned char)w[i]) return 0;
-    }
-    return i == n && w[i] == 0;
-}
-
 /* Eight-byte words, read from unaligned bytes, with the first byte lowest: the word
  * tricks below find "the first byte that..." with a count of trailing zero bits. */
 #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -129,16 +115,22 @@ static Py_ssize_t value_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
     return p;
 }
 
-/* b[0:n] (tchar or field-value bytes) equal, ignoring case, to the lower-case word w
- * of the same length n (letters, digits and '-').  OR-ing 0x20 into a byte
- * lower-cases a letter and leaves '-' and digits as they are; the only other bytes
- * that become a letter, a digit or '-' are control bytes, which neither a name nor a
- * value holds, so the comparison is exact. */
-static int name_is(const unsigned char *b, Py_ssize_t n, const char *w)
+/* b[0:n] (tchar or field-value bytes) equal, ignoring case, to the lower-case ASCII
+ * word w (letters, digits and '-').  OR-ing 0x20 into a byte lower-cases a letter and
+ * leaves '-' and digits as they are; the only other bytes that become a letter, a
+ * digit or '-' are control bytes, which neither a name nor a value holds, so the
+ * comparison is exact.  Eight bytes at a time from 8 bytes on. */
+static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
 {
+    if ((size_t)n != strlen(w)) return 0;
+    if (n < 8) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((b[i] | 0x20) != (unsigned char)w[i]) return 0;
+        }
+        return 1;
+    }
     const uint64_t lower = ONES * 0x20;
     uint64_t x, y;
-    if (n < 8) return lower_equals(b, n, w);
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
         memcpy(&x, b + i, 8);
@@ -200,22 +192,22 @@ static int kind_of(const unsigned char *name, Py_ssize_t len)
         if (lower_equals(name, 7, "upgrade")) return K_DECLINE;
         break;
     case 10:
-        if (name_is(name, 10, "connection")) return K_CONNECTION;
-        if (name_is(name, 10, "keep-alive")) return K_DROP;
+        if (lower_equals(name, 10, "connection")) return K_CONNECTION;
+        if (lower_equals(name, 10, "keep-alive")) return K_DROP;
         break;
-    case 14: if (name_is(name, 14, "content-length")) return K_CONTENT_LENGTH; break;
-    case 15: if (name_is(name, 15, "x-forwarded-for")) return K_XFF; break;
+    case 14: if (lower_equals(name, 14, "content-length")) return K_CONTENT_LENGTH; break;
+    case 15: if (lower_equals(name, 15, "x-forwarded-for")) return K_XFF; break;
     case 16:
         /* llhttp reads it like Connection: declined, as a second Connection is */
-        if (name_is(name, 16, "proxy-connection")) return K_DECLINE;
-        if (name_is(name, 16, "x-forwarded-host")) return K_XF_OTHER;
+        if (lower_equals(name, 16, "proxy-connection")) return K_DECLINE;
+        if (lower_equals(name, 16, "x-forwarded-host")) return K_XF_OTHER;
         break;
     case 17:
-        if (name_is(name, 17, "transfer-encoding")) return K_DECLINE;
-        if (name_is(name, 17, "x-forwarded-proto")) return K_XF_OTHER;
+        if (lower_equals(name, 17, "transfer-encoding")) return K_DECLINE;
+        if (lower_equals(name, 17, "x-forwarded-proto")) return K_XF_OTHER;
         break;
-    case 18: if (name_is(name, 18, "proxy-authenticate")) return K_DROP; break;
-    case 19: if (name_is(name, 19, "proxy-authorization")) return K_DROP; break;
+    case 18: if (lower_equals(name, 18, "proxy-authenticate")) return K_DROP; break;
+    case 19: if (lower_equals(name, 19, "proxy-authorization")) return K_DROP; break;
     }
     return K_FORWARD;
 }

@@ -231,8 +231,8 @@ class UpstreamPool:
                 cluster.connection_freed()
 
     def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
-        """Take back a connection whose exchange completed cleanly (``now``: as for
-        Deadline.push, a clock reading taken just now, or 0.0)."""
+        """Take back a connection whose exchange completed cleanly (``now``: a clock
+        reading taken just now, as for Timeouts.now, or 0.0)."""
         if not conn.usable or len(self.idle) + len(self.parked) >= self.max_idle:
             conn.close()
             return
@@ -241,8 +241,7 @@ class UpstreamPool:
         cluster = self.cluster
         if self.pending and cluster is not None and cluster.hand_over(self, conn):
             return
-        timeouts = self.timeouts
-        conn.idle_since = now if now > 0.0 and timeouts.shared_clock else timeouts.clock()
+        conn.idle_since = self.timeouts.now(now)
         self.push_idle(conn)
 
     def expire(self, now: float) -> None:
