@@ -147,7 +147,9 @@ def end_try(ex: Exchange, code: int, error: PoiseError | None = None,
     began = ex._try_began
     if began > 0.0:
         ex._try_began = 0.0
-        ex.pool.tries.observe(code, (now or monotonic()) - began)
+        if now == 0.0:
+            now = monotonic()
+        ex.pool.tries.observe(code, now - began)
     if ex.trace is not None:
         ex.trace.end_try(code or None, None if error is None else failure_kind(error))
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 # (Final: a C static when compiled, not a module dict lookup per call.)
 monotonic: Final = fasthead.clock      # (time.monotonic's clock)
 join_parts: Final[Any] = fasthead.join_parts
-IDEMPOTENT: Final = frozenset(method.encode() for method in retry.IDEMPOTENT)
+IDEMPOTENT: Final = fasthead.shared(method.encode() for method in retry.IDEMPOTENT)
 # Request bytes kept for a re-send on a fresh connection (stale keep-alive); beyond
 # this the request is not replayable.
 REPLAY_LIMIT: Final = 64 * 1024
@@ -55,6 +55,11 @@ BUFFER_LIMIT: Final = 64 * 1024
 BUFFERING: Final = 4   # Downstream read-blocking reason
 _CLOSE: Final = b"connection: close\r\n"
 _KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
+# A response head's last lines (after the backend's fields), by framing and connection.
+_CLOSE_END: Final = _CLOSE + CRLF
+_KEEP_ALIVE_END: Final = _KEEP_ALIVE + CRLF
+_CHUNKED_END: Final = CHUNKED + CRLF
+_CHUNKED_CLOSE_END: Final = CHUNKED + _CLOSE + CRLF
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING: Final = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 # ``_replay`` of a replayable request that has kept no body bytes yet (most have none:
@@ -171,8 +176,9 @@ class Exchange(RequestHead):
         try:
             router = site.router if site.sni_routers is None else site.router_for(
                 self.client.sni)
-            target: RouteTarget = router.catch_all or router.route(
-                self.method, self.target, self.host, self.pairs())
+            target: RouteTarget | None = router.catch_all
+            if target is None:
+                target = router.route(self.method, self.target, self.host, self.pairs())
             cluster = self.cluster = target.cluster
             self.route_name = cluster.name
             if cluster.h2:
@@ -198,7 +204,12 @@ class Exchange(RequestHead):
         except PoiseError as e:
             self.respond_error(e)
             return
-        self._up_out.insert(0, self._request_head())
+        head = self._request_head()
+        up_out = self._up_out
+        if up_out:
+            up_out.insert(0, head)      # (body bytes that came with the head)
+        else:
+            up_out.append(head)
         self._send(pool)
 
     def _send(self, pool: UpstreamPool) -> None:
@@ -343,7 +354,7 @@ class Exchange(RequestHead):
         out = self._up_out
         if conn is None or not out:
             return
-        WRITER.write(conn.transport, out[0] if len(out) == 1 else b"".join(out))
+        WRITER.write(conn.transport, out[0] if len(out) == 1 else join_parts(out))
         out.clear()
         self._up_size = 0
 
@@ -377,23 +388,26 @@ class Exchange(RequestHead):
         client = self.client
         close = (not self.keep_alive or not self.request_complete
                  or (client.draining and not client.queue))
+        chunk_out = False
         if not has_length and not (self.head_only or status == 204 or status == 304):
             self.until_close = not chunked
             if self.http11:
-                self._chunk_out = True
-                fields.append(CHUNKED)
+                chunk_out = self._chunk_out = True
             else:
                 close = True        # HTTP/1.0 client: the end of the body is the close
         if close:
             self.keep_alive = False
-            fields.append(_CLOSE)
-        elif not self.http11:
-            fields.append(_KEEP_ALIVE)
-        fields.append(CRLF)
+            end = _CHUNKED_CLOSE_END if chunk_out else _CLOSE_END
+        elif chunk_out:
+            end = _CHUNKED_END
+        else:
+            end = CRLF if self.http11 else _KEEP_ALIVE_END
         # (Joined with the body when written: flush_client, end_response.)
         out = self._out
-        out.append(STATUS_LINES.get(status) or status_line(status))
+        line = STATUS_LINES.get(status)
+        out.append(line if line is not None else status_line(status))
         out += fields
+        out.append(end)
         self.response_head_sent = True
 
     def flush_client(self) -> None:
@@ -401,7 +415,7 @@ class Exchange(RequestHead):
         if out:
             client = self.client
             if not client.closed:
-                data = out[0] if len(out) == 1 else b"".join(out)
+                data = out[0] if len(out) == 1 else join_parts(out)
                 WRITER.write(client.transport, data)
                 self.bytes_sent += len(data)
                 self._wrote_client = True
@@ -416,11 +430,13 @@ class Exchange(RequestHead):
         self.conn = None
         self.finished = True
         # One clock read for the try's end and the request's (0: none needed).
-        self.ended = monotonic() if client.site.counting else 0.0
-        end_try(self, self.status, None, self.ended)
+        ended = 0.0
+        if client.site.counting:
+            ended = self.ended = monotonic()
+        end_try(self, self.status, None, ended)
         end_exchange(self)
         if self.request_complete and conn.usable:
-            self.pool.release(conn, self.ended)
+            self.pool.release(conn, ended)
         else:
             conn.close()
         client.exchange_done(self)
@@ -434,7 +450,7 @@ class Exchange(RequestHead):
                        else b"0\r\n" + b"".join(trailers) + CRLF)
         client = self.client
         if out and not client.closed:
-            data = out[0] if len(out) == 1 else b"".join(out)
+            data = out[0] if len(out) == 1 else join_parts(out)
             WRITER.write(client.transport, data)
             self.bytes_sent += len(data)
             self._wrote_client = True

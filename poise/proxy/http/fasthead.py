@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -41,4 +42,12 @@ def _join_parts(*parts: bytes | list[bytes]) -> bytes:
 # join_parts(*parts): bytes parts and lists of bytes joined in order, in one go.
 join_parts: Any = _join_parts if _module is None else _module.join_parts
 # clock(): time.monotonic()'s clock (CLOCK_MONOTONIC, seconds), read for less.
-clock: Any = time.monotonic if _module is None else _module.clock
+clock: Callable[[], float] = time.monotonic if _module is None else _module.clock
+
+
+def shared(values: Iterable[bytes]) -> frozenset[bytes]:
+    """``values`` as a set whose members are, where they can be, the very objects
+    parse_request returns as a method: a lookup of a parsed method then matches by
+    identity, without comparing bytes (the same set either way)."""
+    own = {} if _module is None else {m: m for m in _module.METHODS}
+    return frozenset(own.get(v, v) for v in values)

@@ -74,6 +74,7 @@ static void init_tchar(void)
 static const char *METHODS[] = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
                                 "PATCH", NULL};
 static PyObject *method_objects[8];
+static Py_ssize_t method_lengths[8];
 
 /* Eight-byte words, read from unaligned bytes, with the first byte lowest: the word
  * tricks below find "the first byte that..." with a count of trailing zero bits. */
@@ -93,6 +94,25 @@ static PyObject *method_objects[8];
  * buffer. */
 static Py_ssize_t value_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
 {
+#ifdef __SSE2__
+    /* Sixteen bytes at a time first: a byte below 0x20 (unsigned: max(x, 0x20) != x)
+     * or equal to 0x7f ends the value, unless it is an HTAB. */
+    const __m128i space = _mm_set1_epi8(0x20), del = _mm_set1_epi8(0x7f);
+    while (n - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(b + p));
+        __m128i plain = _mm_cmpeq_epi8(_mm_max_epu8(x, space), x);     /* x >= 0x20 */
+        __m128i stop = _mm_or_si128(_mm_andnot_si128(plain, _mm_set1_epi8(-1)),
+                                    _mm_cmpeq_epi8(x, del));
+        unsigned mask = (unsigned)_mm_movemask_epi8(stop);
+        if (mask) {
+            p += __builtin_ctz(mask);
+            if (b[p] != '\t') return p;
+            p++;                /* (HTAB is a value byte: go on after it) */
+            continue;
+        }
+        p += 16;
+    }
+#endif
     while (n - p >= 8) {
         uint64_t x;
         memcpy(&x, b + p, 8);
@@ -120,9 +140,9 @@ static Py_ssize_t value_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
  * leaves '-' and digits as they are; the only other bytes that become a letter, a
  * digit or '-' are control bytes, which neither a name nor a value holds, so the
  * comparison is exact.  Eight bytes at a time from 8 bytes on. */
-static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
+static int lower_equals_n(const unsigned char *b, Py_ssize_t n, const char *w, size_t wn)
 {
-    if ((size_t)n != strlen(w)) return 0;
+    if ((size_t)n != wn) return 0;
     if (n < 8) {
         for (Py_ssize_t i = 0; i < n; i++) {
             if ((b[i] | 0x20) != (unsigned char)w[i]) return 0;
@@ -141,6 +161,36 @@ static int lower_equals(const unsigned char *b, Py_ssize_t n, const char *w)
     memcpy(&x, b + n - 8, 8);         /* the last 8 bytes, overlapping those compared */
     memcpy(&y, w + n - 8, 8);
     return (x | lower) == y;
+}
+
+/* lower_equals(b, n, "word"): the word a string literal (its length known here). */
+#define lower_equals(b, n, w) lower_equals_n((b), (n), (w), sizeof(w) - 1)
+
+/* Copy n bytes to out and return the end: fixed-size moves up to 16 bytes (most
+ * pieces of a head: ": ", CRLF, names, short values), where a call to memcpy would
+ * cost more than the copy. */
+static inline char *put(char *out, const char *src, Py_ssize_t n)
+{
+    if (n > 16) {
+        memcpy(out, src, (size_t)n);
+    } else if (n >= 8) {            /* two 8-byte moves, overlapping when n < 16 */
+        uint64_t head, tail;
+        memcpy(&head, src, 8);
+        memcpy(&tail, src + n - 8, 8);
+        memcpy(out, &head, 8);
+        memcpy(out + n - 8, &tail, 8);
+    } else if (n >= 4) {
+        uint32_t head, tail;
+        memcpy(&head, src, 4);
+        memcpy(&tail, src + n - 4, 4);
+        memcpy(out, &head, 4);
+        memcpy(out + n - 4, &tail, 4);
+    } else if (n > 0) {             /* 1 to 3 bytes: first, middle and last */
+        out[0] = src[0];
+        out[n >> 1] = src[n >> 1];
+        out[n - 1] = src[n - 1];
+    }
+    return out + n;
 }
 
 /* The first byte at or after p that is not a tchar (n if none): sixteen bytes at a
@@ -236,11 +286,13 @@ typedef struct {
 enum { OK = 0, DECLINE = 1 };
 
 /* Value bytes equal, ignoring case and trailing SP/HTAB, to the lower-case word w. */
-static int value_is(const unsigned char *v, Py_ssize_t n, const char *w)
+static int value_is_n(const unsigned char *v, Py_ssize_t n, const char *w, size_t wn)
 {
     while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
-    return lower_equals(v, n, w);
+    return lower_equals_n(v, n, w, wn);
 }
+
+#define value_is(v, n, w) value_is_n((v), (n), (w), sizeof(w) - 1)
 
 /* Parse the header lines from p up to the empty line into head; *end gets the
  * offset just past the empty line.  No Python objects: DECLINE or OK. */
@@ -260,6 +312,7 @@ static int parse_fields(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, Head
         if (p >= n || b[p] != ':' || p == name_start) return DECLINE;
         Py_ssize_t name_len = p - name_start;
         p++;
+        if (p < n && b[p] == ' ') p++;     /* (the usual one space) */
         while (p < n && (b[p] == ' ' || b[p] == '\t')) p++;
         Py_ssize_t value_start = p;
         p = value_end(b, p, n);
@@ -441,12 +494,10 @@ static PyObject *response_block(const unsigned char *b, const Head *head)
     for (int i = 0; i < head->count; i++) {
         const Field *f = &head->fields[i];
         if (f->kind == K_DROP || f->kind == K_CONNECTION) continue;
-        memcpy(out, b + f->name, f->name_len);
-        out += f->name_len;
+        out = put(out, (const char *)b + f->name, f->name_len);
         *out++ = ':';
         *out++ = ' ';
-        memcpy(out, b + f->value, f->value_len);
-        out += f->value_len;
+        out = put(out, (const char *)b + f->value, f->value_len);
         *out++ = '\r';
         *out++ = '\n';
     }
@@ -461,7 +512,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
 
     PyObject *method = NULL;
     for (int i = 0; METHODS[i]; i++) {
-        Py_ssize_t len = (Py_ssize_t)strlen(METHODS[i]);
+        Py_ssize_t len = method_lengths[i];
         if (n - p > len && memcmp(b + p, METHODS[i], len) == 0 && b[p + len] == ' ') {
             method = method_objects[i];
             p += len + 1;
@@ -565,14 +616,12 @@ static PyObject *join_parts(PyObject *self, PyObject *const *args, Py_ssize_t na
     for (Py_ssize_t i = 0; i < nargs; i++) {
         PyObject *part = args[i];
         if (PyBytes_CheckExact(part)) {
-            memcpy(out, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part));
-            out += PyBytes_GET_SIZE(part);
+            out = put(out, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part));
             continue;
         }
         for (Py_ssize_t j = 0; j < PyList_GET_SIZE(part); j++) {
             PyObject *item = PyList_GET_ITEM(part, j);
-            memcpy(out, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item));
-            out += PyBytes_GET_SIZE(item);
+            out = put(out, PyBytes_AS_STRING(item), PyBytes_GET_SIZE(item));
         }
     }
     return joined;
@@ -618,9 +667,28 @@ PyMODINIT_FUNC PyInit__h1head(void)
     colon_space = PyBytes_FromString(": ");
     crlf = PyBytes_FromString("\r\n");
     if (colon_space == NULL || crlf == NULL) return NULL;
-    for (int i = 0; METHODS[i]; i++) {
+    int count = 0;
+    for (int i = 0; METHODS[i]; i++, count++) {
         method_objects[i] = PyBytes_FromString(METHODS[i]);
         if (method_objects[i] == NULL) return NULL;
+        method_lengths[i] = (Py_ssize_t)strlen(METHODS[i]);
     }
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    /* METHODS: the very objects parse_request returns as a method, so that a set of
+     * them (exchange.IDEMPOTENT) matches by identity, without a compare. */
+    PyObject *shared = PyTuple_New(count);
+    if (shared == NULL) goto error;
+    for (int i = 0; i < count; i++) {
+        Py_INCREF(method_objects[i]);
+        PyTuple_SET_ITEM(shared, i, method_objects[i]);
+    }
+    if (PyModule_AddObject(m, "METHODS", shared) < 0) {
+        Py_DECREF(shared);
+        goto error;
+    }
+    return m;
+error:
+    Py_DECREF(m);
+    return NULL;
 }
