@@ -28,6 +28,7 @@ HOT_PATH = [
     "poise/proxy/http/errors.py",
     "poise/proxy/http/h2stream.py",
     "poise/proxy/http/exchange.py",
+    "poise/proxy/http/heads.py",
     "poise/proxy/http/headers.py",
     "poise/proxy/http/limiting.py",
     "poise/proxy/http/pool.py",

@@ -62,8 +62,10 @@ LIMITED = {
 }
 # haproxy+xff: HAProxy adding the three X-Forwarded-* headers poise adds by default
 # (`option forwardfor` and two set-header rules): equal work with "poise".
-PROXIES = ("poise", *OBSERVED, *LIMITED, "poise+checks", "poise-2w", "haproxy",
-           "haproxy+xff", "nginx", *FLOORS)
+# The headline comparison (poise, HAProxy, nginx) runs back to back in every round, so
+# that the box's drift over a round (fourteen runs of 10 s) does not fall between them.
+PROXIES = ("poise", "haproxy", "nginx", "haproxy+xff", *OBSERVED, *LIMITED,
+           "poise+checks", "poise-2w", *FLOORS)
 # poise-base: another poise install (--baseline-cmd, e.g. a worktree of the previous
 # commit) in the same alternating rounds, for before/after comparisons of one change.
 BASELINE = "poise-base"

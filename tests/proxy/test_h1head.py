@@ -12,6 +12,8 @@ mutations of both.
 
 from __future__ import annotations
 
+import gc
+
 import httptools
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -306,6 +308,30 @@ def test_a_control_byte_anywhere_in_a_long_value_is_declined(bad: int) -> None:
     for clean in (b"\t" * 9, b"\x80\xff" * 9, b"x" * 17 + b"\t"):
         head = b"GET / HTTP/1.1\r\nA: b" + clean + b"\r\n\r\n"
         assert fasthead.parse_request(head, 0)[4] == [b"A", b": ", b"b" + clean, CRLF]
+
+
+def test_a_result_its_caller_keeps_is_never_changed_by_a_later_parse() -> None:
+    """h1head.c reuses its result tuple once the caller has let go of it (reference
+    count 1): a kept one must stay as it was, a reused one must hold the new head and
+    stay tracked by the collector (it holds a list)."""
+    a = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    b = b"POST /b HTTP/1.0\r\nHost: b\r\nContent-Length: 3\r\n\r\nabc"
+    kept = fasthead.parse_request(a, 0)
+    snapshot = list(kept)
+    other = fasthead.parse_request(b, 0)
+    assert other is not kept and list(kept) == snapshot
+    assert other[:4] == (b"POST", b"/b", False, False) and other[7] == 3
+    del kept, other
+    gc.collect()
+    for data, target, length in ((a, b"/a", -1), (b, b"/b", 3)) * 3:
+        result = fasthead.parse_request(data, 0)
+        assert (result[1], result[7], result[9]) == (target, length, target[1:])
+        assert gc.is_tracked(result)
+        del result
+    response = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno"
+    kept_response = fasthead.parse_response(response, 0)
+    assert fasthead.parse_response(b"HTTP/1.0 200 OK\r\n\r\n", 0)[:3] == (200, False, False)
+    assert kept_response == (404, True, True, b"Content-Length: 2\r\n", len(response) - 2, 2)
 
 
 def test_join_parts_joins_bytes_and_lists_in_order() -> None:

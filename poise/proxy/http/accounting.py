@@ -156,7 +156,7 @@ def end_try(ex: Exchange, code: int, error: PoiseError | None = None,
 
 def start_trace(ex: Exchange, tracer: Any) -> None:
     """Continue the client's trace context (W3C traceparent/tracestate), or start one;
-    the context is re-sent to the backend per try (``Exchange._request_head``)."""
+    the context is re-sent to the backend per try (``heads.upstream_head``)."""
     traceparent, tracestate = ex.take_trace_context()
     client = ex.client
     ex.trace = tracer.start(traceparent, tracestate, ex.method, ex.target, ex.host,

@@ -18,7 +18,8 @@ from poise.errors import PoiseError, UpstreamProtocolError
 from poise.proxy.http import fasthead
 from poise.proxy.http.accounting import begin_try, end_try, start_trace
 from poise.proxy.http.errors import error_response, status_of
-from poise.proxy.http.headers import CHUNKED, CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
+from poise.proxy.http.headers import CRLF, LAST_CHUNK, STATUS_LINES, chunk, status_line
+from poise.proxy.http.heads import response_end, upstream_head
 from poise.proxy.http.request import RequestHead
 from poise.proxy.http.resilience import (
     accept_response,
@@ -53,21 +54,11 @@ REPLAY_LIMIT: Final = 64 * 1024
 # connection stops reading.
 BUFFER_LIMIT: Final = 64 * 1024
 BUFFERING: Final = 4   # Downstream read-blocking reason
-_CLOSE: Final = b"connection: close\r\n"
-_KEEP_ALIVE: Final = b"connection: keep-alive\r\n"
-# A response head's last lines (after the backend's fields), by framing and connection.
-_CLOSE_END: Final = _CLOSE + CRLF
-_KEEP_ALIVE_END: Final = _KEEP_ALIVE + CRLF
-_CHUNKED_END: Final = CHUNKED + CRLF
-_CHUNKED_CLOSE_END: Final = CHUNKED + _CLOSE + CRLF
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _SWITCHING: Final = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
 # ``_replay`` of a replayable request that has kept no body bytes yet (most have none:
 # GET): shared, never appended to (``_keep`` makes the request its own list first).
 _NOTHING_KEPT: Final[list[bytes]] = []
-_SP: Final = b" "
-_HTTP11_CRLF: Final = b" HTTP/1.1\r\n"
-_XFH: Final = b"x-forwarded-host: "
 
 
 class Exchange(RequestHead):
@@ -204,7 +195,7 @@ class Exchange(RequestHead):
         except PoiseError as e:
             self.respond_error(e)
             return
-        head = self._request_head()
+        head = upstream_head(self)
         up_out = self._up_out
         if up_out:
             up_out.insert(0, head)      # (body bytes that came with the head)
@@ -278,32 +269,6 @@ class Exchange(RequestHead):
         resume_from_queue(self, conn)
 
     # -- phase 3: forward the request ----------------------------------------------------
-
-    def _request_head(self) -> bytes:
-        client = self.client
-        host = self.host
-        if client.forwarded and self.xff is None and host is not None and not self.chunked \
-                and self.trace is None:
-            # The common case in one C call: X-Forwarded-For/-Proto are per connection.
-            return join_parts(self.method, _SP, self.target, _HTTP11_CRLF, self.fields, _XFH,
-                              host, CRLF, client.forwarded, CRLF)
-        site = client.site
-        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        parts += self.fields
-        if self.trace is not None:
-            parts.append(self.trace.try_headers(self.pool.backend.address, self.attempts + 1))
-        if self.host is None:
-            parts.append(b"host: " + self.pool.backend.address.encode() + CRLF)
-        if site.forwarded_headers:
-            peer = self.client.peer_ip
-            parts += (b"x-forwarded-for: ", peer if self.xff is None else self.xff + b", " + peer,
-                      CRLF, site.xfp)
-            if self.host is not None:
-                parts += (b"x-forwarded-host: ", self.host, CRLF)
-        if self.chunked:
-            parts.append(CHUNKED)
-        parts.append(CRLF)
-        return b"".join(parts)
 
     def request_body(self, data: bytes) -> None:
         """Body bytes from the client (de-chunked); re-framed for the backend."""
@@ -397,17 +362,12 @@ class Exchange(RequestHead):
                 close = True        # HTTP/1.0 client: the end of the body is the close
         if close:
             self.keep_alive = False
-            end = _CHUNKED_CLOSE_END if chunk_out else _CLOSE_END
-        elif chunk_out:
-            end = _CHUNKED_END
-        else:
-            end = CRLF if self.http11 else _KEEP_ALIVE_END
         # (Joined with the body when written: flush_client, end_response.)
         out = self._out
         line = STATUS_LINES.get(status)
         out.append(line if line is not None else status_line(status))
         out += fields
-        out.append(end)
+        out.append(response_end(close, chunk_out, self.http11))
         self.response_head_sent = True
 
     def flush_client(self) -> None:

@@ -373,21 +373,45 @@ static int http_version(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
     return -1;
 }
 
-/* A tuple of the n new references in items (all consumed, also on failure). */
-static PyObject *new_tuple(PyObject **items, int n)
+/* A tuple of the n new references in items (all consumed, also on failure).
+ *
+ * *kept is the tuple this function returned last time, kept for reuse: when nobody
+ * else holds it any more (its reference count is 1, ours), its items are replaced
+ * instead of a new tuple being made and the old one freed, as CPython's zip() and
+ * dict iterators reuse their result tuple.  A parse's tuple is unpacked and dropped
+ * by its caller at once, so this is the usual case; a caller that keeps one gets a
+ * new tuple next time (and the kept one is let go). */
+static PyObject *new_tuple(PyObject **items, int n, PyObject **kept)
 {
-    PyObject *tuple = NULL;
     for (int i = 0; i < n; i++) {
         if (items[i] == NULL) goto error;
+    }
+    PyObject *tuple = *kept;
+    if (tuple != NULL && Py_REFCNT(tuple) == 1) {
+        for (int i = 0; i < n; i++) {
+            PyObject *old = PyTuple_GET_ITEM(tuple, i);
+            PyTuple_SET_ITEM(tuple, i, items[i]);
+            Py_DECREF(old);
+        }
+        /* (The collector untracks a tuple of atomic items; this one may now hold a
+         * list.) */
+        if (!PyObject_GC_IsTracked(tuple)) PyObject_GC_Track(tuple);
+        Py_INCREF(tuple);
+        return tuple;
     }
     tuple = PyTuple_New(n);
     if (tuple == NULL) goto error;
     for (int i = 0; i < n; i++) PyTuple_SET_ITEM(tuple, i, items[i]);
+    Py_INCREF(tuple);
+    Py_XSETREF(*kept, tuple);
     return tuple;
 error:
     for (int i = 0; i < n; i++) Py_XDECREF(items[i]);
     return NULL;
 }
+
+/* The tuples parse_request and parse_response returned last (see new_tuple). */
+static PyObject *request_kept, *response_kept;
 
 static int parse_args(PyObject *const *args, Py_ssize_t nargs, const unsigned char **b,
                       Py_ssize_t *n, Py_ssize_t *start)
@@ -550,7 +574,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
         PyLong_FromSsize_t(end), PyLong_FromSsize_t(head.content_length),
         PyLong_FromSsize_t(end - 2 - fields_start), host,
         PyBool_FromLong(head.expect_continue), PyLong_FromLong(head.count)};
-    return new_tuple(items, 12);
+    return new_tuple(items, 12, &request_kept);
 }
 
 static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -584,7 +608,7 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
                           PyBool_FromLong(keep_alive), response_block(b, &head),
                           PyLong_FromSsize_t(end),
                           PyLong_FromSsize_t(head.content_length)};
-    return new_tuple(items, 6);
+    return new_tuple(items, 6, &response_kept);
 }
 
 /* join_parts(*parts): the parts in order as one bytes object, each part a bytes

@@ -24,6 +24,7 @@ from poise.errors import (
 from poise.proxy.deadline import SLACK
 from poise.proxy.http.accounting import NO_RESPONSE, begin_try, end_try, exchange_over
 from poise.proxy.http.headers import CRLF
+from poise.proxy.http.heads import upstream_head
 from poise.proxy.http2.upstream import h2_send
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ async def _connect_failing_over(ex: Exchange,
             if nxt is None:
                 return
             if ex.trace is not None:    # nothing was sent: the head names the new try
-                ex._up_out[0] = ex._request_head()
+                ex._up_out[0] = upstream_head(ex)
             begin_try(ex)
             connecting = nxt.connect(_connect_timeout(ex), ex.client.owner())
     if ex.finished:
@@ -351,7 +352,7 @@ def _resend(ex: Exchange, pool: UpstreamPool, error: PoiseError) -> None:
         return
     ex.pool = pool
     # The body seen so far is all in _replay (whatever waited in _up_out too).
-    ex._up_out = [ex._request_head(), *ex._replay]
+    ex._up_out = [upstream_head(ex), *ex._replay]
     ex._up_size = sum(len(b) for b in ex._up_out)
     ex._send(pool)
     ex.flush_upstream()
@@ -375,7 +376,7 @@ def retry_stale(ex: Exchange, conn: UpstreamConnection) -> bool:
         ex.trace.end_try(None, "stale_connection")
     # Everything sent so far, again: the head, then the body bytes seen (some may still
     # wait in _up_out, which follows them).
-    ex._up_out[:0] = [ex._request_head(), *ex._replay]
+    ex._up_out[:0] = [upstream_head(ex), *ex._replay]
     if ex.cluster.h2:
         h2_send(ex, ex.pool)        # (a stream on another connection, or a new one)
     elif ex.cluster.limits is None or may_connect(ex):
