@@ -195,12 +195,7 @@ class Exchange(RequestHead):
         except PoiseError as e:
             self.respond_error(e)
             return
-        head = upstream_head(self)
-        up_out = self._up_out
-        if up_out:
-            up_out.insert(0, head)      # (body bytes that came with the head)
-        else:
-            up_out.append(head)
+        self._up_out.insert(0, upstream_head(self))
         self._send(pool)
 
     def _send(self, pool: UpstreamPool) -> None:
@@ -353,11 +348,10 @@ class Exchange(RequestHead):
         client = self.client
         close = (not self.keep_alive or not self.request_complete
                  or (client.draining and not client.queue))
-        chunk_out = False
         if not has_length and not (self.head_only or status == 204 or status == 304):
             self.until_close = not chunked
             if self.http11:
-                chunk_out = self._chunk_out = True
+                self._chunk_out = True
             else:
                 close = True        # HTTP/1.0 client: the end of the body is the close
         if close:
@@ -367,7 +361,7 @@ class Exchange(RequestHead):
         line = STATUS_LINES.get(status)
         out.append(line if line is not None else status_line(status))
         out += fields
-        out.append(response_end(close, chunk_out, self.http11))
+        out.append(response_end(close, self._chunk_out, self.http11))
         self.response_head_sent = True
 
     def flush_client(self) -> None:

@@ -561,7 +561,10 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t end;
     if (parse_fields(b, p, n, &head, 1, &end) != OK) Py_RETURN_NONE;
     PyObject *fields, *watched, *host = NULL;
-    if (request_lists(b, &head, &fields, &watched, &host) < 0) return NULL;
+    if (request_lists(b, &head, &fields, &watched, &host) < 0) {
+        Py_XDECREF(host);       /* (set if the failure came after the Host field) */
+        return NULL;
+    }
     if (host == NULL) {
         host = Py_None;
         Py_INCREF(host);

@@ -362,4 +362,3 @@ class UpstreamPool:
         parked = f" parked={len(self.parked)}" if self.parked else ""
         return (f"<UpstreamPool {self.backend.address} active={self.active} "
                 f"idle={len(self.idle)}{parked}>")
-
